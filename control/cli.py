@@ -1,0 +1,187 @@
+"""The ``mqserve`` command: TorchServe's ``torchserve --start|--stop`` as subcommands.
+
+Settings are resolved here and nowhere else, in TorchServe's order of precedence:
+defaults < the ``--ts-config`` properties file < command-line flags. ``MQSERVE_HOME``
+(default ``~/.mqserve``) names the directory that holds the stack's data, sockets,
+logs and key file. Every failure the operator can fix prints one line to stderr and
+exits 1; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from control import launcher
+from control.settings import (
+    Settings,
+    SettingsError,
+    apply_properties,
+    read_properties,
+    split_list,
+    validate,
+)
+
+HOME_ENV = "MQSERVE_HOME"
+DEFAULT_HOME = "~/.mqserve"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+FAILURES = (SettingsError, launcher.LaunchError, OSError)
+
+
+def home_from_env() -> Path:
+    """``$MQSERVE_HOME`` (or ``~/.mqserve``) as an absolute path."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().absolute()
+
+
+def build_settings(
+    ts_config: Path | None,
+    model_store: Path | None = None,
+    models: tuple[str, ...] = (),
+    enable_model_api: bool = False,
+    disable_token_auth: bool = False,
+    redis_url: str | None = None,
+) -> Settings:
+    """Defaults, overlaid with the config file, overlaid with the flags; validated.
+
+    ``models`` holds the raw ``--models`` values, each a comma-separated list. The
+    flags ``enable_model_api`` and ``disable_token_auth`` can only switch a feature
+    on, as in TorchServe; leaving them off keeps the config file's value.
+    """
+    settings = Settings(home=home_from_env())
+    if ts_config is not None:
+        settings = apply_properties(settings, read_properties(ts_config))
+    changes: dict[str, Any] = {}
+    if model_store is not None:
+        changes["model_store"] = model_store
+    if models:
+        changes["load_models"] = tuple(entry for value in models for entry in split_list(value))
+    if enable_model_api:
+        changes["enable_model_api"] = True
+    if disable_token_auth:
+        changes["disable_token_authorization"] = True
+    if redis_url is not None:
+        changes["redis_url"] = redis_url
+    settings = settings.replace(**changes)
+    if settings.model_store is not None:
+        store = settings.model_store.expanduser().absolute()
+        if not store.is_dir():
+            raise SettingsError(f"model_store {store} is not a directory")
+        settings = settings.replace(model_store=store)
+    check_startup(settings)
+    return settings
+
+
+def check_startup(settings: Settings) -> None:
+    """:func:`validate`, plus what only a server start needs."""
+    validate(settings)
+    if "all" in settings.load_models and settings.model_store is None:
+        raise SettingsError("load_models=all needs a model store (--model-store)")
+    url = settings.redis_url
+    if url is not None and url.partition("://")[0] not in REDIS_SCHEMES:
+        raise SettingsError("--redis-url must be a redis://, rediss:// or unix:// URL")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """A TorchServe-compatible model server whose state lives in Redis.
+
+    The stack's data, sockets, logs and key file live in $MQSERVE_HOME (default
+    ~/.mqserve); run one stack per home.
+    """
+
+
+@cli.command()
+@click.option("--model-store", type=click.Path(path_type=Path), help="Directory of archives.")
+@click.option(
+    "--ts-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TS_CONFIG_FILE",
+    help="TorchServe config.properties file (or $TS_CONFIG_FILE); flags override it.",
+)
+@click.option(
+    "--models",
+    multiple=True,
+    help="Models to register at startup: all, file.mar or name=file.mar; comma-separated, "
+    "repeatable, or several values after one --models as in torchserve.",
+)
+@click.argument("more_models", nargs=-1, metavar="")
+@click.option(
+    "--ncs",
+    "--no-config-snapshots",
+    is_flag=True,
+    help="Accepted for TorchServe compatibility and ignored: mqserve keeps no config "
+    "snapshots because the model registry itself persists in Redis.",
+)
+@click.option("--foreground", is_flag=True, help="Run in this terminal until ^C or SIGTERM.")
+@click.option("--enable-model-api", is_flag=True, help="Allow registering and deleting models.")
+@click.option(
+    "--disable-token-auth", "--dt", is_flag=True, help="Serve without API keys (trusted nets)."
+)
+@click.option(
+    "--redis-url",
+    envvar="MQSERVE_REDIS_URL",
+    help="Use this Redis (or $MQSERVE_REDIS_URL) instead of starting a private one.",
+)
+@click.option("--settings-file", type=click.Path(path_type=Path), hidden=True)
+def start(
+    model_store: Path | None,
+    ts_config: Path | None,
+    models: tuple[str, ...],
+    more_models: tuple[str, ...],
+    ncs: bool,
+    foreground: bool,
+    enable_model_api: bool,
+    disable_token_auth: bool,
+    redis_url: str | None,
+    settings_file: Path | None,
+) -> None:
+    """Start the model server (detached unless --foreground)."""
+    if more_models and not models:
+        raise click.UsageError(f"unexpected argument {more_models[0]!r}")
+    try:
+        if settings_file is not None:  # the detached runner: settings already resolved
+            settings = Settings.from_json(settings_file.read_text())
+        else:
+            settings = build_settings(
+                ts_config, model_store, models + more_models, enable_model_api,
+                disable_token_auth, redis_url,
+            )  # fmt: skip
+        if foreground:
+            logging.basicConfig(
+                level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
+            )
+        code = launcher.start(settings, foreground)
+    except FAILURES as exc:
+        raise click.ClickException(str(exc)) from exc
+    raise SystemExit(code)
+
+
+@cli.command()
+def stop() -> None:
+    """Stop the model server of $MQSERVE_HOME; exit 1 if it is not running."""
+    try:
+        code = launcher.stop(home_from_env())
+    except FAILURES as exc:
+        raise click.ClickException(str(exc)) from exc
+    raise SystemExit(code)
+
+
+@cli.command()
+def status() -> None:
+    """Print whether the server runs; exit 0 only when it is running and ready."""
+    state, pid = launcher.status(home_from_env())
+    click.echo(f"mqserve is {state}" + (f" (pid {pid})" if pid is not None else ""))
+    raise SystemExit(0 if state == "running" else 1)
+
+
+def main() -> None:
+    """Console-script entry point (``mqserve``)."""
+    cli(prog_name="mqserve")
+
+
+if __name__ == "__main__":
+    main()

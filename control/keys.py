@@ -1,0 +1,111 @@
+"""The Redis key schema of mqserve: every key, its type and its lifetime, in one place.
+
+Desired state (written by the management API, read by supervisors) lives under
+``mqs:d:``; observed state (written by workers and supervisors, read by the API)
+lives under ``mqs:o:``. Nothing under ``mqs:d:`` expires: registrations survive
+restarts of every process (Redis runs with append-only persistence). Observed
+keys carry TTLs so that a process that dies disappears by itself.
+
+Model names and versions are validated (``control.names``) so that neither can
+contain ``:``; the key segments below are therefore unambiguous.
+
+Desired state
+-------------
+``mqs:d:models``                 ZSET   member = model name, score 0. Lexicographic
+                                        order is TorchServe's list order.
+``mqs:d:model:{name}``           HASH   ``default`` = default version.
+``mqs:d:versions:{name}``        ZSET   member = version, score = registration sequence.
+``mqs:d:version:{name}:{ver}``   HASH   ``spec`` = JSON ``ModelSpec``; ``min_workers``,
+                                        ``max_workers`` (ints); ``generation`` (incremented
+                                        on every change of the desired worker counts);
+                                        ``registered_at`` (epoch seconds).
+``mqs:d:seq``                    STRING registration sequence counter.
+``mqs:events``                   PUBSUB channel; ``{name}:{ver}`` is published after every
+                                        change of desired state (a nudge, never the only signal).
+
+Observed state
+--------------
+``mqs:o:worker-seq``             STRING counter for worker ids; ids start at 9000 like
+                                        TorchServe's worker port numbers.
+``mqs:o:worker:{wid}``           HASH   + TTL (3 x heartbeat). ``model``, ``version``, ``host``,
+                                        ``pid``, ``gpu`` (-1 = CPU), ``state``
+                                        (STARTING/LOADING/READY/BUSY/DRAINING/FAILED),
+                                        ``started_at`` (epoch s), ``memory`` (RSS bytes),
+                                        ``reason`` (failure text), ``heartbeat`` (epoch s),
+                                        ``since`` (epoch s when ``state`` began).
+``mqs:o:workers:{name}:{ver}``   SET    worker ids of one model version (an index; members
+                                        whose hash has expired are pruned by readers).
+``mqs:o:host:{host}``            HASH   + TTL: a live supervisor (``pid``, ``gpus``, ``heartbeat``).
+``mqs:o:slot:{name}:{ver}:{i}``  STRING + TTL: the host holding replica slot ``i`` of a model
+                                        version (a lease renewed by that host's supervisor;
+                                        see ``workers.reconcile``).
+
+Queues
+------
+``mqs.q.{name}.{ver}``           LIST   the model version's inference queue (Celery/kombu
+                                        queue name, so ``LLEN`` = pending requests).
+
+Access control
+--------------
+``mqs:auth``                     HASH   ``{role}`` = SHA-256 hex digest of the role's key,
+                                        ``{role}:expires`` = epoch seconds (absent: never).
+                                        Roles: ``management``, ``inference``, ``API``.
+"""
+
+from __future__ import annotations
+
+PREFIX = "mqs"
+
+MODELS = f"{PREFIX}:d:models"
+SEQ = f"{PREFIX}:d:seq"
+EVENTS = f"{PREFIX}:events"
+WORKER_SEQ = f"{PREFIX}:o:worker-seq"
+AUTH = f"{PREFIX}:auth"
+
+#: First worker id handed out, as TorchServe's ``initial_worker_port``.
+FIRST_WORKER_ID = 9000
+
+
+def model(name: str) -> str:
+    """HASH with the model's ``default`` version."""
+    return f"{PREFIX}:d:model:{name}"
+
+
+def versions(name: str) -> str:
+    """ZSET of the model's versions, scored by registration order."""
+    return f"{PREFIX}:d:versions:{name}"
+
+
+def version(name: str, ver: str) -> str:
+    """HASH with one version's spec and desired worker counts."""
+    return f"{PREFIX}:d:version:{name}:{ver}"
+
+
+def worker(wid: str) -> str:
+    """HASH (with TTL) describing one live worker process."""
+    return f"{PREFIX}:o:worker:{wid}"
+
+
+def workers(name: str, ver: str) -> str:
+    """SET of worker ids serving one model version."""
+    return f"{PREFIX}:o:workers:{name}:{ver}"
+
+
+def host(hostname: str) -> str:
+    """HASH (with TTL) announcing a live supervisor."""
+    return f"{PREFIX}:o:host:{hostname}"
+
+
+def slot(name: str, ver: str, index: int) -> str:
+    """STRING lease: the host running replica ``index`` of one model version."""
+    return f"{PREFIX}:o:slot:{name}:{ver}:{index}"
+
+
+def queue(name: str, ver: str) -> str:
+    """The Celery queue (a Redis LIST) of one model version."""
+    return f"{PREFIX}.q.{name}.{ver}"
+
+
+def event(name: str, ver: str) -> str:
+    """The payload published on :data:`EVENTS` after a desired-state change."""
+    return f"{name}:{ver}"

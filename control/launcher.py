@@ -1,0 +1,241 @@
+"""``mqserve start|stop|status``: run a :class:`~control.stack.Stack` and find it again.
+
+:func:`run` is the foreground runner: it starts the stack (Redis, the keys, the API
+servers), registers the startup models, writes ``run/ready`` (layout in
+:mod:`control.home`), and on SIGTERM/SIGINT, or when any child dies, stops the
+children in reverse order. :func:`start` runs it in the foreground or detached;
+:func:`stop` and :func:`status` find it through ``run/mqserve.pid``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+import redis
+
+from control import home as homes
+from control.errors import ConflictStatusException, ModelServerError
+from control.home import Home
+from control.params import Params
+from control.server import management_service
+from control.settings import Settings
+from control.stack import REDIS_STOP_TIMEOUT_S, Interrupted, LaunchError, Stack
+
+__all__ = [
+    "LaunchError",
+    "Stack",
+    "expand_load_models",
+    "load_models",
+    "run",
+    "start",
+    "status",
+    "stop",
+]
+
+log = logging.getLogger(__name__)
+
+#: How long a detached ``mqserve start`` waits for ``run/ready``.
+READY_TIMEOUT_S = 300.0
+ARCHIVE_SUFFIXES = (".mar", ".tar.gz", ".tgz")
+_NAMED_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)$")
+
+
+# -- startup models ------------------------------------------------------------------------
+
+
+def expand_load_models(
+    entries: tuple[str, ...], store: Path | None
+) -> list[tuple[str | None, str]]:
+    """TorchServe's ``load_models`` forms as ``(name or None, url)`` pairs.
+
+    ``all`` is every non-hidden ``.mar``/``.tar.gz``/``.tgz`` file and every directory of
+    the model store, sorted; ``name=url`` names the model; anything else is a url.
+    """
+    out: list[tuple[str | None, str]] = []
+    for entry in entries:
+        if entry == "all":
+            if store is None:
+                raise LaunchError("load_models=all needs a model store (--model-store)")
+            for path in sorted(store.iterdir()):
+                if not path.name.startswith(".") and (
+                    path.is_dir() or path.name.endswith(ARCHIVE_SUFFIXES)
+                ):
+                    out.append((None, path.name))
+            continue
+        match = _NAMED_ENTRY.match(entry)
+        out.append((match.group(1), match.group(2)) if match else (None, entry))
+    return out
+
+
+def load_models(settings: Settings, client: redis.Redis) -> None:
+    """Register the startup models; failures are logged, never fatal (as in TorchServe)."""
+    entries = expand_load_models(settings.load_models, settings.model_store)
+    if not entries:
+        return
+    service = management_service(settings, client)
+    for name, url in entries:
+        params = Params(
+            {
+                "url": url,
+                "model_name": name,
+                "initial_workers": settings.default_workers_per_model,
+                "synchronous": False,
+            }
+        )
+        try:
+            _, message = service.register(params, loaded_at_startup=True)
+        except ConflictStatusException as exc:  # the registry outlives restarts
+            log.info("startup model %s already registered, skipped: %s", url, exc.message)
+        except ModelServerError as exc:
+            log.error("startup model %s failed to register: %s", url, exc.message)
+        except Exception:
+            log.exception("startup model %s failed to register", url)
+        else:
+            log.info("startup model %s: %s", url, message)
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stop_signals(handler: Callable[[], None]) -> Iterator[None]:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        handler()  # only sets an Event: logging here could interleave with the main thread
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _refuse_if_running(home: Home) -> None:
+    pid = homes.live_pid(home.pid_file)
+    if pid is not None:
+        raise LaunchError(f"mqserve is already running (pid {pid}); run `mqserve stop` first")
+    for name, leftover in home.children():  # two Redis servers on one data dir corrupt it
+        raise LaunchError(
+            f"a {name} process (pid {leftover}) of an earlier run is still alive; "
+            "run `mqserve stop` first"
+        )
+
+
+def run(settings: Settings) -> int:
+    """Run a stack in the foreground until SIGTERM/SIGINT (0) or a child dies (1).
+
+    Raises :class:`LaunchError` when the stack cannot start; whatever had started is
+    stopped first.
+    """
+    stack = Stack(settings, after_start=load_models)
+    stack.home.make()
+    with _exclusive(stack.home), _stop_signals(stack.request_stop):
+        _refuse_if_running(stack.home)
+        homes.write_pid(stack.home.pid_file, os.getpid())
+        try:  # the signal handlers stay in place so that a second ^C cannot cut the stop short
+            try:
+                stack.start()
+            except Interrupted:
+                log.info("stop requested during startup")
+                return 0
+            log.info("mqserve is ready (home %s)", stack.home.root)
+            return stack.watch()
+        finally:
+            stack.stop()
+            stack.home.pid_file.unlink(missing_ok=True)
+            log.info("mqserve stopped")
+
+
+@contextlib.contextmanager
+def _exclusive(home: Home) -> Iterator[None]:
+    """Hold ``run/mqserve.lock`` while running, so two racing starts cannot both win."""
+    with (home.run_dir / "mqserve.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LaunchError(
+                "mqserve is already starting or running; run `mqserve stop` first"
+            ) from None
+        yield
+
+
+def start(settings: Settings, foreground: bool) -> int:
+    """``mqserve start``: :func:`run` here, or detached, returning once ``run/ready`` exists."""
+    home = Home.at(settings.home)
+    _refuse_if_running(home)
+    if foreground:
+        return run(settings)
+    home.make()
+    home.ready_file.unlink(missing_ok=True)
+    launch = home.run_dir / "launch.json"
+    homes.write_private(launch, settings.replace(home=home.root).to_json())
+    argv = [sys.executable, "-m", "control.cli", "start", "--foreground", "--settings-file"]
+    logfile = home.log_of("mqserve")
+    with logfile.open("ab") as out:
+        offset = out.tell()  # this run's lines only, not earlier runs'
+        proc = subprocess.Popen(
+            [*argv, str(launch)], stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not home.ready_file.exists():
+        if proc.poll() is not None:
+            lines = homes.tail(logfile, since=offset)
+            raise LaunchError(f"mqserve failed to start; last lines of {logfile}:\n{lines}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"mqserve (pid {proc.pid}) is not ready yet; see {logfile}")
+        time.sleep(homes.POLL_S)
+    print(f"mqserve started (pid {proc.pid}); logs in {logfile.parent}")
+    return 0
+
+
+def stop(home_dir: Path) -> int:
+    """``mqserve stop``: stop the runner, or what a killed runner left behind.
+
+    Returns 1 (after printing "mqserve is not running") when there was nothing to stop.
+    """
+    home = Home.at(home_dir)
+    pid = homes.live_pid(home.pid_file)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        if not homes.wait_gone(pid, _stop_budget(home)):
+            print(f"mqserve (pid {pid}) did not stop in time; killing it", file=sys.stderr)
+            homes.signal_group(pid, signal.SIGKILL)
+            homes.wait_gone(pid, 10.0)
+    leftovers = home.kill_children()
+    for path in (home.pid_file, home.ready_file, home.key_file):
+        path.unlink(missing_ok=True)
+    if pid is None and not leftovers:
+        print("mqserve is not running", file=sys.stderr)
+        return 1
+    print("mqserve stopped" if pid is not None else f"stopped leftover {', '.join(leftovers)}")
+    return 0
+
+
+def _stop_budget(home: Home) -> float:
+    """Seconds the runner may take to stop: every child's grace period, plus margin."""
+    try:
+        settings = Settings.from_json(home.settings_file.read_text())
+    except (OSError, ValueError):
+        settings = Settings()
+    return settings.unregister_model_timeout + 15 + REDIS_STOP_TIMEOUT_S + 15
+
+
+def status(home_dir: Path) -> tuple[str, int | None]:
+    """``("running" | "starting" | "not running", pid)`` of the stack in ``home_dir``."""
+    home = Home.at(home_dir)
+    pid = homes.live_pid(home.pid_file)
+    if pid is None:
+        return "not running", None
+    return ("running" if home.ready_file.exists() else "starting"), pid

@@ -1,0 +1,147 @@
+"""Observed worker state: the records workers and supervisors publish to Redis.
+
+A worker process owns its record ``mqs:o:worker:{wid}`` (see :mod:`control.keys`) and
+refreshes its TTL with a heartbeat, so a process that dies disappears by itself. This
+module is the single reader and writer of those records; the API reads them for
+describe and for synchronous calls, supervisors and workers write them.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis
+from redis.typing import EncodableT, FieldT
+
+from control import keys
+
+#: Seconds between heartbeats; records expire after three missed beats.
+HEARTBEAT_INTERVAL = 1.0
+RECORD_TTL = 3 * HEARTBEAT_INTERVAL
+
+
+class WorkerState(enum.StrEnum):
+    """Life cycle of one worker process (``celery-redis-falcon.md`` §8.3)."""
+
+    STARTING = "STARTING"
+    LOADING = "LOADING"
+    READY = "READY"
+    BUSY = "BUSY"
+    DRAINING = "DRAINING"
+    FAILED = "FAILED"
+
+    @property
+    def serving(self) -> bool:
+        """True when the worker has its model loaded and takes requests."""
+        return self in (WorkerState.READY, WorkerState.BUSY)
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """One worker as last reported."""
+
+    wid: str
+    model: str
+    version: str
+    host: str
+    pid: int
+    gpu: int
+    state: WorkerState
+    started_at: float
+    memory: int = 0
+    reason: str = ""
+    heartbeat: float = 0.0
+    #: When ``state`` began: a load, a request or a drain is timed from here.
+    since: float = 0.0
+
+    def to_mapping(self) -> dict[FieldT, EncodableT]:
+        """The HASH fields written to Redis."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "host": self.host,
+            "pid": self.pid,
+            "gpu": self.gpu,
+            "state": self.state.value,
+            "started_at": self.started_at,
+            "memory": self.memory,
+            "reason": self.reason,
+            "heartbeat": self.heartbeat,
+            "since": self.since,
+        }
+
+    @classmethod
+    def from_mapping(cls, wid: str, data: Mapping[str, str]) -> WorkerRecord:
+        """Parse a HASH read from Redis (values as strings)."""
+        return cls(
+            wid=wid,
+            model=data["model"],
+            version=data["version"],
+            host=data.get("host", ""),
+            pid=int(data.get("pid", "-1")),
+            gpu=int(data.get("gpu", "-1")),
+            state=WorkerState(data["state"]),
+            started_at=float(data.get("started_at", "0")),
+            memory=int(float(data.get("memory", "0"))),
+            reason=data.get("reason", ""),
+            heartbeat=float(data.get("heartbeat", "0")),
+            since=float(data.get("since", "0")),
+        )
+
+
+def new_worker_id(client: redis.Redis) -> str:
+    """Allocate a worker id, unique across hosts and never reused (9000, 9001, ...)."""
+    n = int(client.incr(keys.WORKER_SEQ))
+    return str(keys.FIRST_WORKER_ID + n - 1)
+
+
+def publish(client: redis.Redis, record: WorkerRecord, ttl: float = RECORD_TTL) -> None:
+    """Write (or refresh) ``record`` with its TTL and index it under its model version."""
+    key = keys.worker(record.wid)
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(key, mapping=record.to_mapping())
+    pipe.pexpire(key, int(ttl * 1000))
+    pipe.sadd(keys.workers(record.model, record.version), record.wid)
+    pipe.execute()
+
+
+def remove(client: redis.Redis, record: WorkerRecord) -> None:
+    """Delete a worker's record when its process has exited."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.worker(record.wid))
+    pipe.srem(keys.workers(record.model, record.version), record.wid)
+    pipe.execute()
+
+
+def workers_of(client: redis.Redis, name: str, version: str) -> list[WorkerRecord]:
+    """Live workers of one model version, ordered by id; expired members are pruned."""
+    index = keys.workers(name, version)
+    wids = sorted(_text(w) for w in client.smembers(index))
+    if not wids:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for wid in wids:
+        pipe.hgetall(keys.worker(wid))
+    records: list[WorkerRecord] = []
+    gone: list[str] = []
+    for wid, raw in zip(wids, pipe.execute(), strict=True):
+        if not raw:
+            gone.append(wid)
+            continue
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        records.append(WorkerRecord.from_mapping(wid, data))
+    if gone:
+        client.srem(index, *gone)
+    return sorted(records, key=lambda r: int(r.wid) if r.wid.isdigit() else 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def now() -> float:
+    """Wall-clock seconds; records carry wall time because hosts compare them."""
+    return time.time()

@@ -1,0 +1,117 @@
+"""Real processes for the integration and acceptance tiers: redis-server, gunicorn apps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from control.settings import Settings
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Poll ``condition`` until truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (OSError, redis.RedisError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A private redis-server on a free loopback port; yields its URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise AssertionError("redis-server is required: apt-get install -y redis-server")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_for(lambda: redis.Redis.from_url(url).ping(), 10, "redis-server")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def management_process(settings: Settings, workdir: Path) -> Iterator[str]:
+    """The management app under gunicorn, exactly as the launcher runs it; yields its URL."""
+    port = free_port()
+    settings = settings.replace(management_address=f"http://127.0.0.1:{port}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings_file = workdir / f"settings-{port}.json"
+    settings_file.write_text(settings.to_json())
+    log = (workdir / f"gunicorn-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "control.server:management_app()",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "-k",
+            "gthread",
+            "--workers",
+            "1",
+            "--threads",
+            "8",
+            "--no-control-socket",
+        ],
+        env={**os.environ, "MQSERVE_SETTINGS": str(settings_file)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: port_open(port) or proc.poll() is not None, 30, "gunicorn")
+        assert proc.poll() is None, (workdir / f"gunicorn-{port}.log").read_text()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        log.close()

@@ -1,0 +1,92 @@
+"""Unit-tier fixtures: fakeredis, a model store in tmp_path, the management app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+from falcon import testing
+
+from control.archive import ModelStore
+from control.auth import KeyStore
+from control.management import create_management_app
+from control.service import ManagementService
+from control.settings import Settings
+from tests.support.archives import build_mar
+from tests.support.fakes import FakeFleet
+
+
+@pytest.fixture
+def redis_client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    store.mkdir()
+    build_mar(store / "noop.mar", "noop", "1.0")
+    build_mar(store / "noop_v2.mar", "noop", "2.0")
+    build_mar(store / "other.mar", "other", "1.0")
+    return store
+
+
+@pytest.fixture
+def settings(store_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        home=tmp_path / "home",
+        model_store=store_dir,
+        enable_model_api=True,
+        disable_token_authorization=True,
+        redis_url="redis://unused",
+        worker_spawn_timeout=5,
+        unregister_model_timeout=5,
+    )
+
+
+AppFactory = Callable[..., testing.TestClient]
+
+
+@pytest.fixture
+def make_client(redis_client: fakeredis.FakeRedis) -> AppFactory:
+    """Build a TestClient for given settings (and optional fetch stub / key store)."""
+
+    def make(
+        settings: Settings,
+        fetch: Any = None,
+        keystore: KeyStore | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> testing.TestClient:
+        store = ModelStore(settings.model_store, settings.allowed_urls, fetch=fetch)
+        kwargs = {"clock": clock} if clock is not None else {}
+        service = ManagementService(settings, redis_client, store, **kwargs)
+        return testing.TestClient(create_management_app(service, keystore))
+
+    return make
+
+
+@pytest.fixture
+def client(make_client: AppFactory, settings: Settings) -> testing.TestClient:
+    return make_client(settings)
+
+
+@pytest.fixture
+def fleet(redis_client: fakeredis.FakeRedis) -> Iterator[FakeFleet]:
+    """A fake worker fleet; models whose handler is ``invalidHandler`` fail to load,
+    and a ``startup_timeout`` of 0 fails as TorchServe fails it."""
+
+    def fail(spec: Any) -> str:
+        if spec.handler == "invalidHandler":
+            return "ModuleNotFoundError: No module named 'invalidHandler'"
+        if spec.handler == "oom_handler.py":
+            return "MemoryError: model too large"
+        if spec.startup_timeout == 0:
+            return "model load exceeded startup_timeout 0 s"
+        return ""
+
+    fake = FakeFleet(redis_client, fail)
+    with fake.running():
+        yield fake

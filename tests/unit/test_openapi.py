@@ -1,0 +1,377 @@
+"""The management API's OpenAPI description: valid, complete, and true to the server."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+from falcon import testing
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import OpenAPIV30SpecValidator
+
+from control.auth import KeyStore
+from control.errors import ModelNotFoundException
+from control.management import create_management_app, model_description
+from control.openapi import load_description
+from control.service import ManagementService
+from control.settings import Settings
+from tests.support.archives import build_mar
+
+METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+TEMPLATE_PARAMS = {"model_name", "model_version", "workflow_name"}
+ERROR_REF = "#/components/schemas/ErrorResponse"
+UNROUTED_TYPES = {404: "ResourceNotFoundException", 405: "MethodNotAllowedException"}
+#: Values for path parameters and required query parameters in requests.
+SAMPLES = {
+    "model_name": "noop",
+    "model_version": "1.0",
+    "workflow_name": "wf",
+    "url": "noop.mar",
+    "type": "management",
+}
+#: Operations the test app (token authorization disabled) does not route, as the
+#: description says: ``GET /token`` only exists while token authorization is on.
+UNROUTED_WITHOUT_AUTH = {("/token", "get"): 404}
+
+
+@pytest.fixture(scope="module")
+def description() -> dict[str, Any]:
+    return load_description("management")
+
+
+def operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in doc["paths"].items():
+        for method in METHODS:
+            if method in item:
+                yield path, method, item[method]
+
+
+def operation_ids() -> list[str]:
+    return [f"{m.upper()} {p}" for p, m, _ in operations(load_description("management"))]
+
+
+def resolve(doc: dict[str, Any], node: Any) -> Any:
+    """Follow a local ``$ref`` (JSON pointer into ``doc``) until a plain node."""
+    while isinstance(node, dict) and "$ref" in node:
+        ref = node["$ref"]
+        assert ref.startswith("#/"), f"non-local $ref {ref}"
+        node = doc
+        for token in ref[2:].split("/"):
+            token = token.replace("~1", "/").replace("~0", "~")
+            assert isinstance(node, dict) and token in node, f"unresolved $ref {ref}"
+            node = node[token]
+    return node
+
+
+def all_refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value
+            else:
+                yield from all_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from all_refs(value)
+
+
+def error_types(doc: dict[str, Any], response: dict[str, Any]) -> set[str]:
+    """The ``type`` values of a documented error response's examples."""
+    media = resolve(doc, response).get("content", {}).get("application/json", {})
+    return {
+        resolve(doc, example)["value"]["type"] for example in media.get("examples", {}).values()
+    }
+
+
+# -- the document itself ------------------------------------------------------------------
+
+
+def test_file_parses_as_openapi_3_0_1() -> None:
+    text = resources.files("control.openapi").joinpath("management.json").read_text("utf-8")
+    doc = json.loads(text)
+    assert doc["openapi"] == "3.0.1"
+    assert doc["info"]["title"] == "mqserve Management API"
+    assert doc["info"]["version"] == "0.1.0"
+
+
+def test_valid_openapi_3_0(description: dict[str, Any]) -> None:
+    errors = [str(e) for e in OpenAPIV30SpecValidator(description).iter_errors()]
+    assert errors == []
+
+
+def test_every_ref_resolves(description: dict[str, Any]) -> None:
+    refs = set(all_refs(description))
+    assert refs
+    for ref in refs:
+        resolve(description, {"$ref": ref})
+
+
+def test_path_templates_use_only_known_parameters(description: dict[str, Any]) -> None:
+    for path in description["paths"]:
+        names = set(re.findall(r"\{([^}]*)\}", path))
+        assert names <= TEMPLATE_PARAMS, path
+
+
+def test_every_operation_documents_an_error_response(description: dict[str, Any]) -> None:
+    for path, method, op in operations(description):
+        if op.get("security") == []:
+            # OPTIONS / and /api-description: no token, no parameters, nothing to refuse.
+            continue
+        refs = [
+            resolve(description, response)
+            .get("content", {})
+            .get("application/json", {})
+            .get("schema", {})
+            .get("$ref")
+            for code, response in op["responses"].items()
+            if code.startswith("4")
+        ]
+        assert ERROR_REF in refs, f"{method.upper()} {path}"
+
+
+def test_only_the_description_routes_skip_token_auth(description: dict[str, Any]) -> None:
+    assert description["security"] == [{"bearerAuth": []}]
+    open_ops = {(p, m) for p, m, op in operations(description) if op.get("security") == []}
+    assert open_ops == {("/", "options"), ("/api-description", "get")}
+    schemes = description["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {**schemes["bearerAuth"], "type": "http", "scheme": "bearer"}
+
+
+def test_documented_parameters(description: dict[str, Any]) -> None:
+    paths = description["paths"]
+
+    def params(path: str, method: str) -> dict[str, dict[str, Any]]:
+        return {p["name"]: p for p in paths[path][method]["parameters"]}
+
+    register = params("/models", "post")
+    assert set(register) == {
+        "url",
+        "model_name",
+        "handler",
+        "runtime",
+        "batch_size",
+        "max_batch_delay",
+        "initial_workers",
+        "synchronous",
+        "response_timeout",
+        "startup_timeout",
+        "s3_sse_kms",
+    }
+    assert [n for n, p in register.items() if p.get("required")] == ["url"]
+    assert register["runtime"]["schema"]["enum"] == ["python", "python3", "LSP"]
+    assert register["synchronous"]["schema"]["default"] is True
+    body = resolve(
+        description,
+        paths["/models"]["post"]["requestBody"]["content"]["application/json"]["schema"],
+    )
+    assert set(body["properties"]) == set(register)
+    assert body["required"] == ["url"]
+    for path in ("/models/{model_name}", "/models/{model_name}/{model_version}"):
+        scale = params(path, "put")
+        assert {"min_worker", "max_worker", "synchronous", "timeout", "number_gpu"} <= set(scale)
+        assert scale["synchronous"]["schema"]["default"] is False
+    assert "model_version" in params("/models/{model_name}", "put")
+    assert set(params("/models", "get")) == {"limit", "next_page_token"}
+    assert params("/token", "get")["type"]["schema"]["enum"] == ["management", "inference"]
+
+
+def test_describe_schema_has_every_torchserve_field(description: dict[str, Any]) -> None:
+    schemas = description["components"]["schemas"]
+    describe = resolve(description, schemas["DescribeModelResponse"])
+    assert describe["type"] == "array"
+    model = resolve(description, describe["items"])
+    assert list(model["required"]) == [
+        "modelName",
+        "modelVersion",
+        "modelUrl",
+        "runtime",
+        "minWorkers",
+        "maxWorkers",
+        "batchSize",
+        "maxBatchDelay",
+        "responseTimeout",
+        "startupTimeout",
+        "maxRetryTimeoutInSec",
+        "clientTimeoutInMills",
+        "parallelType",
+        "parallelLevel",
+        "deviceType",
+        "continuousBatching",
+        "useJobTicket",
+        "useVenv",
+        "stateful",
+        "sequenceMaxIdleMSec",
+        "sequenceTimeoutMSec",
+        "maxNumSequence",
+        "maxSequenceJobQueueSize",
+        "loadedAtStartup",
+        "workers",
+        "jobQueueStatus",
+    ]
+    worker = resolve(description, model["properties"]["workers"]["items"])
+    assert worker["properties"]["id"]["type"] == "string"
+    assert worker["properties"]["gpu"]["type"] == "boolean"
+    assert worker["properties"]["status"]["enum"] == ["READY", "UNLOADING"]
+    assert set(worker["required"]) == {
+        "id",
+        "startTime",
+        "status",
+        "memoryUsage",
+        "pid",
+        "gpu",
+        "gpuUsage",
+    }
+    error = schemas["ErrorResponse"]
+    assert error["required"] == ["code", "type", "message"]
+    assert error["properties"]["code"]["type"] == "integer"
+
+
+def test_model_description_keeps_only_the_models_paths(description: dict[str, Any]) -> None:
+    doc = model_description(description, "noop")
+    assert set(doc["paths"]) == {
+        "/models/noop",
+        "/models/noop/all",
+        "/models/noop/{model_version}",
+        "/models/noop/{model_version}/set-default",
+    }
+    assert all(p == "/models/noop" or p.startswith("/models/noop/") for p in doc["paths"])
+    assert doc["openapi"] == "3.0.1"
+    # The shared description is not changed by deriving a per-model one.
+    assert "/models/{model_name}" in description["paths"]
+
+
+# -- the description against the server ----------------------------------------------------
+
+
+class _EmptyStore:
+    """Stand-in model store (``control.archive`` may be absent): knows no archive."""
+
+    def resolve(self, url: str) -> Any:
+        raise ModelNotFoundException(f"Model not found at: {url}")
+
+    def remove(self, archive: Any) -> None:
+        raise ModelNotFoundException(f"Model not found at: {archive}")
+
+
+def _store(root: Path) -> Any:
+    try:
+        from control.archive import ModelStore
+    except ImportError:
+        return _EmptyStore()
+    return ModelStore(root, ())
+
+
+def _service(tmp_path: Path, client: fakeredis.FakeRedis, **changes: Any) -> ManagementService:
+    settings = Settings(
+        home=tmp_path / "home",
+        model_store=tmp_path,
+        enable_model_api=True,
+        disable_token_authorization=True,
+        redis_url="redis://unused",
+        unregister_model_timeout=5,
+    ).replace(**changes)
+    return ManagementService(settings, client, _store(tmp_path))
+
+
+def _redis() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+
+
+def _request(
+    app: testing.TestClient,
+    doc: dict[str, Any],
+    path: str,
+    method: str,
+    headers: dict[str, str] | None = None,
+) -> testing.Result:
+    op = doc["paths"][path][method]
+    query = {}
+    for param in (resolve(doc, p) for p in op.get("parameters", [])):
+        if param["in"] == "query" and param.get("required"):
+            query[param["name"]] = SAMPLES[param["name"]]
+    concrete = re.sub(r"\{([^}]*)\}", lambda m: SAMPLES[m.group(1)], path)
+    return app.simulate_request(method.upper(), concrete, params=query, headers=headers)
+
+
+def _check_documented(doc: dict[str, Any], path: str, method: str, result: testing.Result) -> None:
+    """The answer's status is documented; an error's type is one the description names."""
+    op = doc["paths"][path][method]
+    where = f"{method.upper()} {path} -> {result.status_code} {result.text}"
+    assert str(result.status_code) in op["responses"], where
+    response = op["responses"][str(result.status_code)]
+    if result.status_code >= 400:
+        types = error_types(doc, response)
+        if types:
+            assert result.json["type"] in types, where
+    schema = resolve(doc, response).get("content", {}).get("application/json", {}).get("schema")
+    if schema is not None:
+        validator = OAS30Validator({**schema, "components": doc["components"]})
+        errors = [e.message for e in validator.iter_errors(result.json)]
+        assert errors == [], where
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["empty", "registered"])
+@pytest.mark.parametrize("operation", operation_ids())
+def test_every_documented_operation_is_routed(
+    operation: str, registered: bool, tmp_path: Path, description: dict[str, Any]
+) -> None:
+    method, path = operation.split(" ", 1)
+    method = method.lower()
+    service = _service(tmp_path, _redis())
+    app = testing.TestClient(create_management_app(service, None))
+    if registered:
+        build_mar(tmp_path / "noop.mar", "noop", "1.0")
+        assert app.simulate_post("/models", params={"url": "noop.mar"}).status_code == 200
+    result = _request(app, description, path, method)
+    body = result.json if result.status_code >= 400 else {}
+    unrouted = (
+        result.status_code in UNROUTED_TYPES
+        and body.get("type") == UNROUTED_TYPES[result.status_code]
+    )
+    expected = UNROUTED_WITHOUT_AUTH.get((path, method))
+    if expected is not None:
+        assert result.status_code == expected and unrouted, result.text
+        assert UNROUTED_TYPES[expected] in error_types(
+            description, description["paths"][path][method]["responses"][str(expected)]
+        )
+    else:
+        assert not unrouted, f"{operation}: {result.status_code} {result.text}"
+    _check_documented(description, path, method, result)
+
+
+def test_options_root_serves_the_description(tmp_path: Path, description: dict[str, Any]) -> None:
+    app = testing.TestClient(create_management_app(_service(tmp_path, _redis()), None))
+    assert app.simulate_options("/").json == description
+    assert app.simulate_get("/api-description").json == description
+
+
+def test_token_auth_as_described(tmp_path: Path, description: dict[str, Any]) -> None:
+    """With token authorization on: every operation but the two description ones needs
+    the management key, and ``GET /token`` (API key) answers as documented."""
+    client = _redis()
+    keystore = KeyStore(client, tmp_path / "home" / "key_file.json", 60.0)
+    issued = keystore.issue_all()
+    service = _service(tmp_path, client, disable_token_authorization=False)
+    app = testing.TestClient(create_management_app(service, keystore))
+    for path, method, op in operations(description):
+        result = _request(app, description, path, method)
+        _check_documented(description, path, method, result)
+        if op.get("security") == []:
+            assert result.status_code == 200, f"{method.upper()} {path}"
+        else:
+            assert result.status_code == 400, f"{method.upper()} {path}"
+            assert result.json["type"] == "InvalidKeyException"
+    api = {"Authorization": f"Bearer {issued['API']}"}
+    rotated = _request(app, description, "/token", "get", headers=api)
+    assert rotated.status_code == 200
+    _check_documented(description, "/token", "get", rotated)
+    management = {"Authorization": f"Bearer {issued['management']}"}
+    refused = _request(app, description, "/token", "get", headers=management)
+    _check_documented(description, "/token", "get", refused)
+    assert refused.status_code == 400

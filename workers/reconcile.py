@@ -1,0 +1,317 @@
+"""Reconcile: a pure function from desired and observed state to supervisor actions.
+
+:func:`plan` knows nothing of Redis or processes. The supervisor snapshots the
+registry, its own process table and the slot leases, calls :func:`plan`, and applies
+the returned actions. Keeping the decision pure makes every rule testable as a table.
+
+Slots. Replica ``i`` of a model version is slot ``i``; a host holds a slot through a
+lease in Redis, so hosts sharing one Redis never run more than ``min_workers`` replicas
+between them. A host claims free slots below ``min_workers``, up to its fair share
+(``ceil(min_workers / live hosts)``), keeps slots below ``max_workers`` (TorchServe
+leaves workers between min and max alone) and drains slots at or above it.
+
+Failures. A worker that exits without being asked to, fails to load, or is killed for
+a timeout counts as a failure of its slot. The slot is retried with TorchServe's
+Fibonacci back-off (1, 1, 2, 3, 5, ... 1597 s) while the slot has been failing for less
+than ``max_retry_timeout``; then it is left failed (visible in describe) until the
+desired state changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from control.observed import WorkerState
+
+#: TorchServe's ``BACK_OFF`` (seconds); the first retry waits BACK_OFF[1].
+BACK_OFF = (0, 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
+#: Extra seconds a draining worker gets beyond ``response_timeout`` before SIGKILL.
+DRAIN_GRACE = 10.0
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Desired state of one model version."""
+
+    model: str
+    version: str
+    min_workers: int
+    max_workers: int
+    generation: int = 1
+    startup_timeout: float = 120.0
+    response_timeout: float = 120.0
+    max_retry_timeout: float = 300.0
+    #: ``cpu`` never gets a GPU; ``gpu`` or ``""`` (unset) get one when the host has any.
+    device_type: str = ""
+    device_ids: tuple[int, ...] | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.model, self.version)
+
+
+@dataclass(frozen=True)
+class Process:
+    """A worker process owned by this supervisor, as last observed."""
+
+    wid: str
+    model: str
+    version: str
+    slot: int
+    gpu: int
+    spawned_at: float
+    #: From the worker's record; STARTING until the worker writes one.
+    state: WorkerState = WorkerState.STARTING
+    #: When ``state`` began (start of a load, of a request, of a drain).
+    state_since: float = 0.0
+    #: False when the worker wrote a record once and it has since expired (hung).
+    record_alive: bool = True
+    exit_code: int | None = None
+    stop_sent_at: float | None = None
+    #: Why the supervisor killed it, if it did.
+    kill_reason: str = ""
+    #: Failure text the worker reported (load errors).
+    reason: str = ""
+
+    @property
+    def key(self) -> Key:
+        return (self.model, self.version)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Failure history of one slot held by this host."""
+
+    wid: str
+    failures: int
+    retry_at: float
+    recovering_since: float
+    generation: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything :func:`plan` may look at."""
+
+    host: str
+    now: float
+    processes: tuple[Process, ...] = ()
+    #: Slot leases of every host: ``{(model, version): {slot: host}}``.
+    slots: Mapping[Key, Mapping[int, str]] = field(default_factory=dict)
+    live_hosts: int = 1
+    gpus: tuple[int, ...] = ()
+    backoff: Mapping[tuple[str, str, int], Backoff] = field(default_factory=dict)
+    spawn_timeout: float = 120.0
+
+
+# -- actions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Claim ``slot`` (if not held yet) and start a worker; ``wid`` None means a new id."""
+
+    model: str
+    version: str
+    slot: int
+    gpu: int
+    wid: str | None = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Drain a worker: SIGTERM, the running request finishes, queued ones stay."""
+
+    wid: str
+
+
+@dataclass(frozen=True)
+class Kill:
+    """SIGKILL a worker that is stuck; ``reason`` becomes its slot's failure."""
+
+    wid: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Forget:
+    """A worker exited as asked: drop its record and, if ``release``, its slot lease."""
+
+    wid: str
+    model: str
+    version: str
+    slot: int
+    release: bool
+
+
+@dataclass(frozen=True)
+class Fail:
+    """A worker failed: record ``backoff`` for its slot and show it as FAILED."""
+
+    wid: str
+    model: str
+    version: str
+    slot: int
+    backoff: Backoff
+
+
+@dataclass(frozen=True)
+class Release:
+    """Give up a slot this host holds with no process (and forget its failures)."""
+
+    model: str
+    version: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """The slot's worker loaded: its failure history is cleared."""
+
+    model: str
+    version: str
+    slot: int
+
+
+Action = Start | Stop | Kill | Forget | Fail | Release | Recovered
+
+
+# -- the decision ---------------------------------------------------------------------
+
+
+def plan(desired: Iterable[Target], observed: Observed) -> list[Action]:
+    """The actions that move this host toward ``desired``. Pure and deterministic."""
+    targets = {t.key: t for t in desired}
+    actions: list[Action] = []
+    for proc in observed.processes:
+        actions.extend(_judge(proc, targets.get(proc.key), observed))
+    # Every observed process occupies its slot for this tick, even one being killed or
+    # reaped: its slot is decided again on the next tick, from the new facts.
+    gpu_load = Counter(p.gpu for p in observed.processes if p.exit_code is None)
+    for key in sorted(set(targets) | _held_keys(observed)):
+        actions.extend(_slots(key, targets.get(key), observed, gpu_load))
+    return actions
+
+
+def _judge(proc: Process, target: Target | None, obs: Observed) -> list[Action]:
+    """Decide about one owned process: reap, kill, drain or leave it."""
+    if proc.exit_code is not None:
+        return [_reaped(proc, target, obs)]
+    now = obs.now
+    if proc.stop_sent_at is not None:
+        grace = (target.response_timeout if target else 120.0) + DRAIN_GRACE
+        if now - proc.stop_sent_at > grace:
+            return [Kill(proc.wid, "")]
+        return []
+    if target is None or proc.slot >= target.max_workers:
+        return [Stop(proc.wid)]
+    reason = _stuck(proc, target, obs)
+    if reason:
+        return [Kill(proc.wid, reason)]
+    return []
+
+
+def _stuck(proc: Process, target: Target, obs: Observed) -> str:
+    """Why ``proc`` must be killed, or ``""``."""
+    age = obs.now - proc.state_since
+    if proc.state is WorkerState.STARTING and obs.now - proc.spawned_at > obs.spawn_timeout:
+        return f"Worker process did not start within {obs.spawn_timeout:g} s"
+    if proc.state is WorkerState.LOADING and age > target.startup_timeout:
+        return f"Model load exceeded startup_timeout of {target.startup_timeout:g} s"
+    if proc.state is WorkerState.BUSY and age > target.response_timeout:
+        return f"Worker did not respond within response_timeout of {target.response_timeout:g} s"
+    if not proc.record_alive and proc.state is not WorkerState.STARTING:
+        return "Worker stopped sending heartbeats"
+    return ""
+
+
+def _reaped(proc: Process, target: Target | None, obs: Observed) -> Action:
+    """An exited process: a clean drain, or a failure of its slot."""
+    asked = proc.stop_sent_at is not None and not proc.kill_reason
+    if asked or target is None or proc.slot >= target.max_workers:
+        return Forget(proc.wid, proc.model, proc.version, proc.slot, release=True)
+    previous = obs.backoff.get((proc.model, proc.version, proc.slot))
+    failures = 1
+    since = obs.now
+    if previous is not None and previous.generation == target.generation:
+        failures = previous.failures + 1
+        since = previous.recovering_since
+    delay = BACK_OFF[min(failures, len(BACK_OFF) - 1)]
+    reason = proc.kill_reason or proc.reason or _exit_text(proc.exit_code)
+    backoff = Backoff(proc.wid, failures, obs.now + delay, since, target.generation, reason)
+    return Fail(proc.wid, proc.model, proc.version, proc.slot, backoff)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"Worker died (signal {-code})"
+    return f"Worker died (exit code {code})"
+
+
+def _held_keys(obs: Observed) -> set[Key]:
+    return {k for k, owners in obs.slots.items() if obs.host in owners.values()}
+
+
+def _slots(
+    key: Key,
+    target: Target | None,
+    obs: Observed,
+    gpu_load: Counter[int],
+) -> list[Action]:
+    """Start, restart and release slots of one model version."""
+    owners = obs.slots.get(key, {})
+    mine = {slot for slot, host in owners.items() if host == obs.host}
+    procs = [p for p in obs.processes if p.key == key]
+    busy = {p.slot for p in procs}
+    actions: list[Action] = []
+    if target is None:
+        return [Release(*key, slot) for slot in sorted(mine - busy)]
+    for slot in sorted(mine - busy):
+        actions.extend(_idle_slot(key, slot, target, obs, gpu_load))
+    for proc in procs:
+        if proc.exit_code is None and proc.state.serving and (*key, proc.slot) in obs.backoff:
+            actions.append(Recovered(*key, proc.slot))
+    share = math.ceil(target.min_workers / max(obs.live_hosts, 1))
+    kept = len([s for s in mine if s < target.max_workers])
+    free = [s for s in range(target.min_workers) if s not in owners]
+    for slot in free[: max(share - kept, 0)]:
+        actions.append(Start(*key, slot, _pick_gpu(target, obs, gpu_load)))
+    return actions
+
+
+def _idle_slot(
+    key: Key, slot: int, target: Target, obs: Observed, gpu_load: Counter[int]
+) -> list[Action]:
+    """A slot this host holds with no process: retry it, wait, or let it go."""
+    backoff = obs.backoff.get((*key, slot))
+    if slot >= target.max_workers:
+        return [Release(*key, slot)]
+    if backoff is None:
+        return [Start(*key, slot, _pick_gpu(target, obs, gpu_load))]
+    if backoff.generation != target.generation:
+        # A new scale request: TorchServe replaces failed workers; start afresh.
+        return [Start(*key, slot, _pick_gpu(target, obs, gpu_load), backoff.wid)]
+    if obs.now - backoff.recovering_since >= target.max_retry_timeout:
+        return []  # given up: stays FAILED until the desired state changes
+    if obs.now >= backoff.retry_at:
+        return [Start(*key, slot, _pick_gpu(target, obs, gpu_load), backoff.wid)]
+    return []
+
+
+def _pick_gpu(target: Target, obs: Observed, gpu_load: Counter[int]) -> int:
+    """Least-loaded visible GPU (round-robin when loads tie), or -1 for CPU."""
+    if target.device_type == "cpu" or not obs.gpus:
+        return -1
+    choices = obs.gpus
+    if target.device_ids:
+        allowed = tuple(g for g in target.device_ids if g in obs.gpus)
+        choices = allowed or obs.gpus
+    gpu = min(choices, key=lambda g: (gpu_load[g], choices.index(g)))
+    gpu_load[gpu] += 1
+    return gpu
