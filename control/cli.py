@@ -178,6 +178,63 @@ def status() -> None:
     raise SystemExit(0 if state == "running" else 1)
 
 
+@cli.command()
+@click.option(
+    "--ts-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TS_CONFIG_FILE",
+    help="TorchServe config.properties file.",
+)
+@click.option(
+    "--model-store",
+    type=click.Path(path_type=Path),
+    help="The model store, shared with the API hosts (e.g. a network volume).",
+)
+@click.option("--redis-url", envvar="MQSERVE_REDIS_URL", help="The stack's Redis.")
+@click.option("--host-name", default=None, help="This host's name in Redis (default: hostname).")
+@click.option(
+    "--gpus",
+    default=None,
+    help="GPU ids to use, comma-separated (default: CUDA_VISIBLE_DEVICES or all).",
+)
+@click.option("--check", is_flag=True, help="Exit 0 when this host's supervisor is alive.")
+@click.option("--settings-file", type=click.Path(path_type=Path), hidden=True)
+def supervisor(
+    ts_config: Path | None,
+    model_store: Path | None,
+    redis_url: str | None,
+    host_name: str | None,
+    gpus: str | None,
+    check: bool,
+    settings_file: Path | None,
+) -> None:
+    """Run this host's worker supervisor in the foreground (one per host).
+
+    Extra hosts run only this command against the stack's Redis and model store.
+    """
+    from workers import main as workers_main  # workers import torch lazily; keep CLI light
+
+    try:
+        if settings_file is not None:
+            settings = Settings.from_json(settings_file.read_text())
+        else:
+            settings = build_settings(ts_config, model_store, redis_url=redis_url)
+    except FAILURES as exc:
+        raise click.ClickException(str(exc)) from exc
+    if settings.redis_url is None:
+        raise click.ClickException("a supervisor needs --redis-url (or $MQSERVE_REDIS_URL)")
+    host = host_name or workers_main.default_host_name()
+    if check:
+        alive = workers_main.check(settings.redis_url, host)
+        click.echo(f"supervisor {host} is {'alive' if alive else 'not running'}")
+        raise SystemExit(0 if alive else 1)
+    devices = None if gpus is None else tuple(int(g) for g in split_list(gpus))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
+    )
+    workers_main.run_supervisor(settings, host, devices)
+
+
 def main() -> None:
     """Console-script entry point (``mqserve``)."""
     cli(prog_name="mqserve")

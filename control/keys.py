@@ -96,7 +96,7 @@ def host(hostname: str) -> str:
     return f"{PREFIX}:o:host:{hostname}"
 
 
-def slot(name: str, ver: str, index: int) -> str:
+def slot(name: str, ver: str, index: int | str) -> str:
     """STRING lease: the host running replica ``index`` of one model version."""
     return f"{PREFIX}:o:slot:{name}:{ver}:{index}"
 

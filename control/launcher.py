@@ -25,6 +25,7 @@ from types import FrameType
 import redis
 
 from control import home as homes
+from control.devices import default_startup_workers
 from control.errors import ConflictStatusException, ModelServerError
 from control.home import Home
 from control.params import Params
@@ -84,12 +85,13 @@ def load_models(settings: Settings, client: redis.Redis) -> None:
     if not entries:
         return
     service = management_service(settings, client)
+    workers = default_startup_workers(settings.default_workers_per_model)
     for name, url in entries:
         params = Params(
             {
                 "url": url,
                 "model_name": name,
-                "initial_workers": settings.default_workers_per_model,
+                "initial_workers": workers,
                 "synchronous": False,
             }
         )

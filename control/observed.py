@@ -116,6 +116,14 @@ def remove(client: redis.Redis, record: WorkerRecord) -> None:
     pipe.execute()
 
 
+def read(client: redis.Redis, wid: str) -> WorkerRecord | None:
+    """Worker ``wid``'s record, or None when it has expired or never existed."""
+    raw = client.hgetall(keys.worker(wid))
+    if not raw:
+        return None
+    return WorkerRecord.from_mapping(wid, {_text(k): _text(v) for k, v in raw.items()})
+
+
 def workers_of(client: redis.Redis, name: str, version: str) -> list[WorkerRecord]:
     """Live workers of one model version, ordered by id; expired members are pruned."""
     index = keys.workers(name, version)

@@ -23,7 +23,7 @@ from control.errors import (
     RequestTimeoutException,
     ServiceUnavailableException,
 )
-from control.observed import WorkerRecord, workers_of
+from control.observed import WorkerRecord, WorkerState, workers_of
 from control.params import Params
 from control.registration import RegisterRequest, build_spec, parse_register
 from control.registry import Registry, VersionRecord
@@ -275,4 +275,8 @@ def describe_worker(record: WorkerRecord) -> dict[str, Any]:
         "gpu": record.gpu >= 0,
         "gpuUsage": "N/A" if record.gpu < 0 else f"gpuId::{record.gpu}",
     }
+    if record.state is WorkerState.FAILED and record.reason:
+        # Beyond TorchServe: why a worker is down, without reading logs. Clients that
+        # know only TorchServe's fields ignore it (it is absent while workers are fine).
+        doc["lastError"] = record.reason
     return doc

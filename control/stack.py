@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from control import keys
 from control.auth import KeyStore
 from control.home import POLL_S, Home, signal_group, tail, write_pid, write_private
 from control.server import SETTINGS_ENV, redis_client
@@ -179,9 +180,33 @@ def management_child(settings: Settings, home: Home) -> Child:
     )
 
 
+def supervisor_child(settings: Settings, home: Home) -> Child:
+    """This host's worker supervisor; ready once it has announced itself in Redis."""
+    host = socket.gethostname()
+    argv = (
+        sys.executable, "-m", "control.cli", "supervisor",
+        "--settings-file", str(home.settings_file), "--host-name", host,
+    )  # fmt: skip
+
+    def ready() -> bool:
+        url = settings.redis_url
+        if url is None:
+            return False
+        client = redis_client(url)
+        try:
+            return bool(client.exists(keys.host(host)))
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    # Stopping drains the workers: each may finish a request of up to response_timeout.
+    return Child("supervisor", argv, ready, None, stop_timeout=180.0)
+
+
 def api_children(settings: Settings, home: Home) -> list[Child]:
     """The processes started once Redis is up and the keys are issued, in start order."""
-    return [management_child(settings, home)]
+    return [management_child(settings, home), supervisor_child(settings, home)]
 
 
 # -- the stack -------------------------------------------------------------------------------

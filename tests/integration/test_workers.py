@@ -1,0 +1,355 @@
+"""Real supervisors and real worker processes over a real redis-server.
+
+Each test drives the management API under gunicorn, with one or two supervisors run
+exactly as ``mqserve supervisor`` runs them, and checks processes with psutil.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+
+from control import keys, observed
+from control.client import ManagementClient
+from control.settings import Settings
+from tests.support.archives import build_mar
+from tests.support.processes import management_process, wait_for
+from workers.celery_app import make_celery
+from workers.tasks import PREDICT_TASK
+
+FAILING = """
+def handle(data, context):
+    if data is None:
+        raise RuntimeError("weights are corrupt")
+    return data
+"""
+SLOW = """
+import time
+
+
+def handle(data, context):
+    if data is None:
+        time.sleep(30)
+    return [row.get("body") for row in data]
+"""
+
+
+@pytest.fixture
+def stack(redis_url: str, store: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    build_mar(store / "noop.mar", "noop")
+    build_mar(store / "failing.mar", "failing", extra={"noop_handler.py": FAILING.encode()})
+    build_mar(store / "slow.mar", "slow", extra={"noop_handler.py": SLOW.encode()})
+    settings = Settings(
+        model_store=store,
+        enable_model_api=True,
+        disable_token_authorization=True,
+        redis_url=redis_url,
+        home=tmp_path / "home",
+        worker_spawn_timeout=60,
+    )
+    with management_process(settings, tmp_path / "api") as base:
+        yield {"settings": settings, "api": ManagementClient(base), "tmp": tmp_path}
+
+
+@contextmanager
+def supervisor(settings: Settings, home: Path, host: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``mqserve supervisor`` for ``host``, stopped (and its workers drained) on exit."""
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / f"supervisor-{host}.log").open("wb")
+    env = {**os.environ, "MQSERVE_HOME": str(home), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "control.cli",
+            "supervisor",
+            "--redis-url",
+            str(settings.redis_url),
+            "--model-store",
+            str(settings.model_store),
+            "--host-name",
+            host,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis.from_url(str(settings.redis_url))
+    try:
+        wait_for(
+            lambda: client.exists(keys.host(host)) or proc.poll() is not None,
+            60,
+            f"supervisor {host}",
+        )
+        assert proc.poll() is None, (home / f"supervisor-{host}.log").read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        log.close()
+
+
+def worker_pids(client: redis.Redis, model: str, version: str = "1.0") -> list[int]:
+    return [r.pid for r in observed.workers_of(client, model, version) if r.pid > 0]
+
+
+def predict(settings: Settings, model: str, body: str, timeout: float = 60) -> dict[str, Any]:
+    app = make_celery(settings)
+    message = {
+        "id": "req-1",
+        "headers": {},
+        "params": [{"name": "body", "content_type": "text/plain", "text": body}],
+    }
+    result = app.send_task(PREDICT_TASK, args=[message], queue=keys.queue(model, "1.0"))
+    try:
+        reply: dict[str, Any] = result.get(timeout=timeout)
+    finally:
+        result.forget()
+    return reply
+
+
+def describe(api: ManagementClient, model: str) -> dict[str, Any]:
+    response = api.describe(model)
+    assert response.status == 200, response.body
+    doc: dict[str, Any] = response.json()[0]
+    return doc
+
+
+def all_dead(pids: list[int]) -> Callable[[], bool]:
+    return lambda: (
+        not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    )
+
+
+def test_register_scale_kill_unregister(stack: dict[str, Any], real_redis: redis.Redis) -> None:
+    api, settings = stack["api"], stack["settings"]
+    with supervisor(settings, stack["tmp"] / "h1", "h1"):
+        response = api.register_model_with_params({"url": "noop.mar", "initial_workers": 2})
+        assert response.status == 200, response.body
+        doc = describe(api, "noop")
+        assert [w["status"] for w in doc["workers"]] == ["READY", "READY"]
+        pids = worker_pids(real_redis, "noop")
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+        assert all(w["pid"] in pids and w["memoryUsage"] > 0 for w in doc["workers"])
+        assert predict(settings, "noop", "hello")["text"] == "hello"
+
+        assert api.scale("noop", {"min_worker": 3, "synchronous": "true"}).status == 200
+        assert len(worker_pids(real_redis, "noop")) == 3
+        assert api.scale("noop", {"min_worker": 1, "synchronous": "true"}).status == 200
+        remaining = worker_pids(real_redis, "noop")
+        assert len(remaining) == 1
+        wait_for(all_dead([p for p in pids if p not in remaining]), 30, "drained workers")
+
+        victim = remaining[0]
+        victim_id = describe(api, "noop")["workers"][0]["id"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: (
+                [w["status"] for w in describe(api, "noop")["workers"]] == ["READY"]
+                and worker_pids(real_redis, "noop") != [victim]
+            ),
+            60,
+            "restarted worker",
+        )
+        revived = describe(api, "noop")["workers"][0]
+        assert revived["id"] == victim_id  # the same worker, restarted, as in TorchServe
+        assert predict(settings, "noop", "again")["text"] == "again"
+
+        last = worker_pids(real_redis, "noop")
+        assert api.unregister_model("noop").status == 200
+        wait_for(all_dead(last), 30, "unregistered workers")
+        assert real_redis.keys(keys.slot("noop", "*", "*")) == []
+
+
+def test_failing_initialize_shows_reason_and_backs_off(
+    stack: dict[str, Any], real_redis: redis.Redis
+) -> None:
+    api, settings = stack["api"], stack["settings"]
+    with supervisor(settings, stack["tmp"] / "h1", "h1"):
+        response = api.register_model_with_params({"url": "failing.mar", "initial_workers": 1})
+        assert response.status == 500
+        assert response.json()["message"] == (
+            "Failed to start workers for model failing version: 1.0"
+        )
+        assert api.describe("failing").status == 404  # a failed sync register rolls back
+
+        response = api.register_model_with_params(
+            {"url": "failing.mar", "initial_workers": 1, "synchronous": "false"}
+        )
+        assert response.status == 202
+        wait_for(
+            lambda: any(
+                r.state.value == "FAILED" for r in observed.workers_of(real_redis, "failing", "1.0")
+            ),
+            60,
+            "a FAILED record",
+        )
+        worker = describe(api, "failing")["workers"][0]
+        assert worker["status"] == "UNLOADING"
+        assert "weights are corrupt" in worker["lastError"]
+        first = observed.workers_of(real_redis, "failing", "1.0")[0]
+        # Back-off: the retry comes 1 s later, with the same id, and fails again.
+        wait_for(
+            lambda: any(
+                r.started_at > first.started_at and r.state.value == "FAILED"
+                for r in observed.workers_of(real_redis, "failing", "1.0")
+            ),
+            60,
+            "a retried and failed worker",
+        )
+        assert api.unregister_model("failing").status == 200
+
+
+def test_load_slower_than_startup_timeout(
+    stack: dict[str, Any], real_redis: redis.Redis, store: Path
+) -> None:
+    api, settings = stack["api"], stack["settings"]
+    with supervisor(settings, stack["tmp"] / "h1", "h1"):
+        response = api.register_model_with_params(
+            {"url": "slow.mar", "initial_workers": 1, "startup_timeout": 2}
+        )
+        assert response.status == 500, response.body
+        assert api.describe("slow").status == 404
+        wait_for(lambda: not observed.workers_of(real_redis, "slow", "1.0"), 30, "cleanup")
+
+
+def test_two_supervisors_share_and_never_exceed(
+    stack: dict[str, Any], real_redis: redis.Redis
+) -> None:
+    api, settings = stack["api"], stack["settings"]
+    seen: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:  # count live worker processes while both supervisors reconcile
+        while not done.wait(0.01):
+            seen.append(len(worker_pids(real_redis, "noop")))
+
+    with (
+        supervisor(settings, stack["tmp"] / "h1", "h1"),
+        supervisor(settings, stack["tmp"] / "h2", "h2"),
+    ):
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            response = api.register_model_with_params({"url": "noop.mar", "initial_workers": 3})
+            assert response.status == 200, response.body
+            assert api.scale("noop", {"min_worker": 1, "synchronous": "true"}).status == 200
+            assert api.scale("noop", {"min_worker": 4, "synchronous": "true"}).status == 200
+        finally:
+            done.set()
+            sampler.join()
+        hosts = {r.host for r in observed.workers_of(real_redis, "noop", "1.0")}
+        assert hosts == {"h1", "h2"}
+        assert api.unregister_model("noop").status == 200
+    assert max(seen) == 4 and seen.count(4) > 0
+
+
+def test_restarted_supervisor_does_not_duplicate(
+    stack: dict[str, Any], real_redis: redis.Redis
+) -> None:
+    api, settings = stack["api"], stack["settings"]
+    with supervisor(settings, stack["tmp"] / "h1", "h1") as first:
+        assert (
+            api.register_model_with_params({"url": "noop.mar", "initial_workers": 2}).status == 200
+        )
+        before = worker_pids(real_redis, "noop")
+        first.kill()  # no drain: the workers are told by PDEATHSIG
+        first.wait(10)
+    wait_for(all_dead(before), 30, "orphaned workers to exit")
+    with supervisor(settings, stack["tmp"] / "h1", "h1"):
+        wait_for(
+            lambda: [w["status"] for w in describe(api, "noop")["workers"]] == ["READY", "READY"],
+            60,
+            "replacement workers",
+        )
+        after = worker_pids(real_redis, "noop")
+        assert len(after) == 2 and not set(after) & set(before)
+        assert api.unregister_model("noop").status == 200
+
+
+HANGING = """
+import time
+
+
+def handle(data, context):
+    if data is not None:
+        time.sleep(60)
+    return data
+"""
+
+
+def test_request_past_response_timeout_kills_the_worker(
+    stack: dict[str, Any], real_redis: redis.Redis, store: Path
+) -> None:
+    build_mar(store / "hang.mar", "hang", extra={"noop_handler.py": HANGING.encode()})
+    api, settings = stack["api"], stack["settings"]
+    with supervisor(settings, stack["tmp"] / "h1", "h1"):
+        response = api.register_model_with_params(
+            {"url": "hang.mar", "initial_workers": 1, "response_timeout": 2}
+        )
+        assert response.status == 200, response.body
+        [pid] = worker_pids(real_redis, "hang")
+        app = make_celery(settings)
+        message = {"id": "stuck", "headers": {}, "params": []}
+        app.send_task(PREDICT_TASK, args=[message], queue=keys.queue("hang", "1.0"), expires=5)
+        wait_for(all_dead([pid]), 30, "the stuck worker to be killed")
+        wait_for(
+            lambda: any(
+                "response_timeout of 2 s" in r.reason
+                for r in observed.workers_of(real_redis, "hang", "1.0")
+            ),
+            30,
+            "the failure reason",
+        )
+        # It comes back after the back-off, and the expired request is not run again.
+        wait_for(
+            lambda: [w["status"] for w in describe(api, "hang")["workers"]] == ["READY"],
+            60,
+            "the restarted worker",
+        )
+        assert api.unregister_model("hang").status == 200
+
+
+def test_lost_host_share_moves_elsewhere(stack: dict[str, Any], real_redis: redis.Redis) -> None:
+    api, settings = stack["api"], stack["settings"]
+    with supervisor(settings, stack["tmp"] / "h2", "h2"):
+        with supervisor(settings, stack["tmp"] / "h1", "h1") as doomed:
+            response = api.register_model_with_params(
+                {"url": "noop.mar", "initial_workers": 2, "synchronous": "false"}
+            )
+            assert response.status == 202
+            wait_for(
+                lambda: (
+                    {
+                        r.host
+                        for r in observed.workers_of(real_redis, "noop", "1.0")
+                        if r.state.serving
+                    }
+                    == {"h1", "h2"}
+                ),
+                60,
+                "both hosts serving",
+            )
+            doomed.kill()  # the host vanishes: no drain, no goodbye
+            doomed.wait(10)
+        wait_for(
+            lambda: (
+                [r.host for r in observed.workers_of(real_redis, "noop", "1.0") if r.state.serving]
+                == ["h2", "h2"]
+            ),
+            90,
+            "h2 to take over",
+        )
+        assert api.unregister_model("noop").status == 200

@@ -1,0 +1,12 @@
+"""mqserve's stand-in for TorchServe's ``ts`` package: what handler code imports.
+
+Provided: ``ts.context``, ``ts.torch_handler.base_handler``, ``ts.utils.util``,
+``ts.metrics.dimension``, ``ts.metrics.metric_type_enum`` and ``ts.handler_utils.timer``.
+``ts.torch_handler.vision_handler`` and ``image_classifier`` need Pillow and torchvision.
+Streaming responses, envelopes and the other built-in handlers are not provided.
+"""
+
+from workers.handling.loader import TORCHSERVE_VERSION
+
+#: The TorchServe release whose handler API this package follows.
+__version__ = TORCHSERVE_VERSION

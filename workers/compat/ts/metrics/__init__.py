@@ -1,0 +1,1 @@
+"""TorchServe's ``ts.metrics``: the types handlers pass to ``context.metrics``."""

@@ -1,0 +1,1 @@
+"""Built-in handlers (``ts.torch_handler``): base, vision and image classifier."""

@@ -1,0 +1,61 @@
+"""The values a worker passes into and gets out of a loaded model.
+
+These mirror what TorchServe's frontend sends its Python backend for one inference
+request (``torchserve.md`` §2.2, §3.7) and what it reads back per request (§2.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One input of a request: a form field, a file part, or the whole body (``body``)."""
+
+    name: str
+    #: The part's or request's mime type as the client sent it ("" when none).
+    content_type: str
+    value: bytes
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One request of a batch.
+
+    ``headers`` has lowercased names (last value wins) and includes the synthetic
+    ``explain`` (``"True"``/``"False"``) and ``url_path`` entries, and ``describe``
+    (``"True"``) for a describe call.
+    """
+
+    request_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+    parameters: list[Parameter] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InferenceReply:
+    """The answer to one request of a successfully handled batch.
+
+    ``reason`` is the phrase the handler set, ``""`` meaning "the standard phrase for
+    ``status``". ``content_type`` is ``None`` unless the handler set one, and
+    ``headers`` never holds a Content-Type entry.
+    """
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    content_type: str | None
+    body: bytes
+
+
+class HandlerFailure(Exception):
+    """The batch failed as a whole: every request of it is answered ``status``/``message``.
+
+    The handler's own exception, if any, is the ``__cause__``.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message

@@ -1,0 +1,78 @@
+"""Running a supervisor: ``mqserve supervisor`` and the supervisor child of a stack.
+
+The supervisor runs in the foreground until SIGTERM or SIGINT, then drains its
+workers. ``--check`` is the health probe for containers: it exits 0 only when this
+host's supervisor is alive in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from pathlib import Path
+from types import FrameType
+
+import redis
+
+from control import keys
+from control.devices import visible_gpus
+from control.server import redis_client
+from control.settings import Settings
+from workers.launch import WorkerSpawner, replace_leftovers
+from workers.reconcile import DRAIN_GRACE
+from workers.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+#: How long a stopping supervisor lets its workers finish their requests.
+SHUTDOWN_TIMEOUT = 120.0 + DRAIN_GRACE
+
+
+def default_host_name() -> str:
+    """This host's name in Redis: unique per supervisor, stable across restarts."""
+    return socket.gethostname()
+
+
+def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None = None) -> None:
+    """Reconcile this host's workers until SIGTERM/SIGINT, then drain them."""
+    if settings.redis_url is None:
+        raise ValueError("a supervisor needs settings.redis_url")
+    settings_file = settings_path(settings.home, host)
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(settings.to_json())
+    settings_file.chmod(0o600)
+    client = redis_client(settings.redis_url)
+    devices = visible_gpus() if gpus is None else gpus
+    left = replace_leftovers(client, host)
+    if left:
+        log.info("replaced %d worker(s) left by an earlier supervisor of %s", left, host)
+    spawner = WorkerSpawner(settings_file, host, settings.home / "logs")
+    supervisor = Supervisor(settings, client, host, spawner, devices)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    log.info("supervisor %s running with GPUs %s", host, list(devices) or "none")
+    try:
+        supervisor.run(stop)
+    finally:
+        supervisor.shutdown(SHUTDOWN_TIMEOUT)
+        log.info("supervisor %s stopped", host)
+
+
+def check(redis_url: str, host: str) -> bool:
+    """True when the supervisor of ``host`` has announced itself recently."""
+    try:
+        return bool(redis_client(redis_url).exists(keys.host(host)))
+    except redis.RedisError:
+        return False
+
+
+def settings_path(home: Path, host: str) -> Path:
+    """Where :func:`run_supervisor` writes the settings its workers read."""
+    return home / "run" / f"worker-settings-{host}.json"

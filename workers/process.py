@@ -1,0 +1,148 @@
+"""One model worker process: load one model version, then consume its queue with Celery.
+
+Started by the supervisor as ``python -m workers.process --wid ... --model ...``. The
+model is loaded *before* the Celery consumer starts (``-P solo``: no fork, so CUDA is
+safe, and ``worker_ready`` really means "loaded and consuming"). The process reports
+LOADING, READY, BUSY, DRAINING or FAILED (with the reason) to its record in Redis.
+
+Exit codes: 0 after a drain, :data:`EXIT_LOAD_FAILED` when the model did not load,
+:data:`EXIT_OUT_OF_MEMORY` when it did not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from typing import Any
+
+from celery import signals
+
+from control import keys
+from control.archive import ModelStore
+from control.errors import ModelServerError
+from control.observed import WorkerRecord, WorkerState
+from control.observed import now as wall
+from control.registry import Registry
+from control.server import model_store, redis_client, settings_from_env
+from control.settings import Settings
+from workers.celery_app import make_celery
+from workers.handling.compat import install_compat_path
+from workers.handling.loader import LoadError, enter_model_dir, load_handler
+from workers.handling.service import LoadedModel
+from workers.heartbeat import Reporter
+from workers.launch import model_dir
+from workers.tasks import register_tasks
+
+log = logging.getLogger("mqserve.worker")
+
+EXIT_LOAD_FAILED = 3
+EXIT_OUT_OF_MEMORY = 4
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mqserve-worker")
+    for name in ("--wid", "--model", "--version", "--host"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--gpu", type=int, default=-1)
+    return parser.parse_args(argv)
+
+
+def load(settings: Settings, store: ModelStore, args: argparse.Namespace) -> LoadedModel:
+    """Unpack the archive of ``args.model``/``args.version`` and initialise its handler."""
+    record = Registry(redis_client(settings.redis_url or "")).get(args.model, args.version)
+    target = model_dir(args.host, args.wid)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    try:
+        root = store.extract(record.spec.archive, target)
+    except ModelServerError as exc:
+        raise LoadError(f"cannot unpack the model archive: {exc.message}") from exc
+    enter_model_dir(root)
+    install_compat_path()
+    # The worker sees only its own GPU, as device 0 (CUDA_VISIBLE_DEVICES).
+    return load_handler(root, record.spec, 0 if args.gpu >= 0 else None)
+
+
+def _wire_signals(reporter: Reporter) -> None:
+    def ready(**_: Any) -> None:
+        reporter.set_state(WorkerState.READY)
+
+    def busy(**_: Any) -> None:
+        reporter.set_state(WorkerState.BUSY)
+
+    def draining(**_: Any) -> None:
+        reporter.set_state(WorkerState.DRAINING)
+
+    signals.worker_ready.connect(ready, weak=False)
+    signals.task_prerun.connect(busy, weak=False)
+    signals.task_postrun.connect(ready, weak=False)
+    signals.worker_shutting_down.connect(draining, weak=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one worker until it is told to stop; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    settings = settings_from_env()
+    client = redis_client(settings.redis_url or "")
+    started = wall()
+    record = WorkerRecord(
+        args.wid,
+        args.model,
+        args.version,
+        args.host,
+        os.getpid(),
+        args.gpu,
+        WorkerState.LOADING,
+        started,
+        since=started,
+        heartbeat=started,
+    )
+    reporter = Reporter(client, record)
+    reporter.set_state(WorkerState.LOADING)
+    reporter.start()
+    try:
+        return _serve(settings, args, reporter)
+    finally:
+        reporter.stop()
+
+
+def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> int:
+    started = wall()
+    try:
+        model = load(settings, model_store(settings), args)
+    except LoadError as exc:
+        log.error("model %s:%s failed to load: %s", args.model, args.version, exc)
+        reporter.set_state(WorkerState.FAILED, str(exc))
+        return EXIT_OUT_OF_MEMORY if exc.oom else EXIT_LOAD_FAILED
+    log.info("model %s:%s loaded in %.3f s", args.model, args.version, wall() - started)
+    app = make_celery(settings)
+    register_tasks(app, model)
+    _wire_signals(reporter)
+    app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "solo",
+            "--queues",
+            keys.queue(args.model, args.version),
+            "--hostname",
+            f"mqserve-{args.wid}@{args.host}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--prefetch-multiplier",
+            "1",
+            "--loglevel",
+            "INFO",
+        ]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

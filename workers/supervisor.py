@@ -1,0 +1,379 @@
+"""The supervisor: one per host, applying :func:`workers.reconcile.plan` to real processes.
+
+Each tick it snapshots the registry (desired state), its own process table, the worker
+records and the slot leases (observed state), asks :func:`plan` what to do, and does it.
+All decisions live in ``plan``; this module only observes and applies.
+
+It owns its worker processes: it starts them (``workers.process``), reaps them, and
+stops them with SIGTERM (drain) or SIGKILL (stuck). Workers die with it
+(``PR_SET_PDEATHSIG``), and a supervisor that starts on a host first replaces whatever
+a previous incarnation left there, so a restart never duplicates workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+
+from control import keys, observed
+from control.observed import WorkerRecord, WorkerState
+from control.registry import Registry, VersionRecord
+from control.settings import Settings
+from workers import reconcile
+from workers.launch import remove_model_dir
+from workers.reconcile import Action, Backoff, Observed, Process, Target
+
+log = logging.getLogger(__name__)
+
+#: Slot leases and the host's presence expire this long after the last renewal.
+LEASE_SECONDS = 10.0
+#: Longest pause between ticks; a desired-state change wakes the loop at once.
+TICK_SECONDS = 0.25
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Spawner(Protocol):
+    """Starts one worker process (``workers.launch.spawn_worker`` in production)."""
+
+    def __call__(
+        self, wid: str, model: str, version: str, slot: int, gpu: int
+    ) -> subprocess.Popen[bytes]: ...
+
+
+@dataclass
+class Handle:
+    """Bookkeeping for one owned worker process."""
+
+    popen: subprocess.Popen[bytes]
+    wid: str
+    model: str
+    version: str
+    slot: int
+    gpu: int
+    spawned_at: float
+    stop_sent_at: float | None = None
+    kill_reason: str = ""
+    reported: bool = False
+
+
+def target_of(record: VersionRecord) -> Target:
+    """The reconcile view of a registered version."""
+    spec = record.spec
+    return Target(
+        model=spec.model_name,
+        version=spec.version,
+        min_workers=record.min_workers,
+        max_workers=record.max_workers,
+        generation=record.generation,
+        startup_timeout=spec.startup_timeout,
+        response_timeout=spec.response_timeout,
+        max_retry_timeout=spec.max_retry_timeout,
+        device_type=spec.device_type,
+        device_ids=spec.device_ids,
+    )
+
+
+class Supervisor:
+    """Reconciles this host's workers against the registry. Single-threaded by design."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        host: str,
+        spawner: Spawner,
+        gpus: tuple[int, ...] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self._r = client
+        self._registry = Registry(client)
+        self._spawn = spawner
+        self._gpus = gpus
+        self._clock = clock
+        self._handles: dict[str, Handle] = {}
+        self._backoff: dict[tuple[str, str, int], Backoff] = {}
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    # -- one tick ------------------------------------------------------------------------
+
+    def tick(self) -> list[Action]:
+        """Observe, plan, apply; returns the actions taken (for logs and tests)."""
+        targets = [target_of(r) for r in self._registry.desired()]
+        snapshot = self.observe(targets)
+        actions = reconcile.plan(targets, snapshot)
+        for action in actions:
+            self._apply(action)
+        self._keep_alive()
+        return actions
+
+    def observe(self, targets: list[Target]) -> Observed:
+        """The observed state :func:`plan` decides on."""
+        now = self._clock()
+        processes = tuple(self._observe_process(h) for h in self._handles.values())
+        return Observed(
+            host=self.host,
+            now=now,
+            processes=processes,
+            slots=self._slot_owners(targets),
+            live_hosts=max(self._live_hosts(), 1),
+            gpus=self._gpus,
+            backoff=dict(self._backoff),
+            spawn_timeout=float(self.settings.worker_spawn_timeout),
+        )
+
+    def _observe_process(self, handle: Handle) -> Process:
+        exit_code = handle.popen.poll()
+        record = observed.read(self._r, handle.wid)
+        if record is not None and record.state is not WorkerState.STARTING:
+            handle.reported = True
+        state = record.state if record is not None else WorkerState.STARTING
+        if record is None and handle.reported:
+            state = WorkerState.READY  # last known serving state; the record expired
+        return Process(
+            wid=handle.wid,
+            model=handle.model,
+            version=handle.version,
+            slot=handle.slot,
+            gpu=handle.gpu,
+            spawned_at=handle.spawned_at,
+            state=state,
+            state_since=record.since if record is not None else handle.spawned_at,
+            record_alive=record is not None or not handle.reported,
+            exit_code=exit_code,
+            stop_sent_at=handle.stop_sent_at,
+            kill_reason=handle.kill_reason,
+            reason=record.reason if record is not None else "",
+        )
+
+    def _slot_owners(self, targets: list[Target]) -> dict[reconcile.Key, dict[int, str]]:
+        wanted: dict[reconcile.Key, set[int]] = {t.key: set(range(t.min_workers)) for t in targets}
+        for handle in self._handles.values():
+            wanted.setdefault((handle.model, handle.version), set()).add(handle.slot)
+        for model, version, slot in self._backoff:
+            wanted.setdefault((model, version), set()).add(slot)
+        owners: dict[reconcile.Key, dict[int, str]] = {}
+        for key, slots in wanted.items():
+            ordered = sorted(slots)
+            values = self._r.mget([keys.slot(*key, i) for i in ordered]) if ordered else []
+            owners[key] = {i: str(v) for i, v in zip(ordered, values, strict=True) if v}
+        return owners
+
+    def _live_hosts(self) -> int:
+        return sum(1 for _ in self._r.scan_iter(match=keys.host("*"), count=100))
+
+    # -- applying actions ----------------------------------------------------------------
+
+    def _apply(self, action: Action) -> None:
+        match action:
+            case reconcile.Start():
+                self._start(action)
+            case reconcile.Stop(wid=wid):
+                handle = self._handles[wid]
+                log.info("draining worker %s (%s:%s)", wid, handle.model, handle.version)
+                _signal(handle.popen, signal.SIGTERM)
+                handle.stop_sent_at = self._clock()
+            case reconcile.Kill(wid=wid, reason=reason):
+                handle = self._handles[wid]
+                log.warning("killing worker %s: %s", wid, reason or "drain took too long")
+                _signal(handle.popen, signal.SIGKILL)
+                handle.kill_reason = reason
+            case reconcile.Forget():
+                self._forget(action)
+            case reconcile.Fail():
+                self._fail(action)
+            case reconcile.Release(model=model, version=version, slot=slot):
+                previous = self._backoff.pop((model, version, slot), None)
+                if previous is not None:
+                    self._drop_record(previous.wid, model, version)
+                self._release(keys=[keys.slot(model, version, slot)], args=[self.host])
+            case reconcile.Recovered(model=model, version=version, slot=slot):
+                self._backoff.pop((model, version, slot), None)
+
+    def _start(self, action: reconcile.Start) -> None:
+        key = keys.slot(action.model, action.version, action.slot)
+        owned = self._r.get(key) == self.host
+        lease = int(LEASE_SECONDS * 1000)
+        if not owned and not self._r.set(key, self.host, nx=True, px=lease):
+            return  # another host claimed it first; the next tick sees that
+        wid = action.wid or observed.new_worker_id(self._r)
+        now = self._clock()
+        record = WorkerRecord(
+            wid,
+            action.model,
+            action.version,
+            self.host,
+            -1,
+            action.gpu,
+            WorkerState.STARTING,
+            now,
+            since=now,
+            heartbeat=now,
+        )
+        observed.publish(self._r, record)
+        log.info(
+            "starting worker %s for %s:%s slot %d gpu %d",
+            wid,
+            action.model,
+            action.version,
+            action.slot,
+            action.gpu,
+        )
+        try:
+            popen = self._spawn(wid, action.model, action.version, action.slot, action.gpu)
+        except OSError as exc:
+            log.error("cannot start worker %s: %s", wid, exc)
+            backoff = Backoff(wid, 1, now + reconcile.BACK_OFF[1], now, 0, f"spawn failed: {exc}")
+            self._backoff[(action.model, action.version, action.slot)] = backoff
+            return
+        observed.publish(self._r, dataclasses.replace(record, pid=popen.pid))
+        self._handles[wid] = Handle(
+            popen, wid, action.model, action.version, action.slot, action.gpu, now
+        )
+
+    def _forget(self, action: reconcile.Forget) -> None:
+        self._handles.pop(action.wid, None)
+        remove_model_dir(self.host, action.wid)
+        self._backoff.pop((action.model, action.version, action.slot), None)
+        self._drop_record(action.wid, action.model, action.version)
+        if action.release:
+            self._release(
+                keys=[keys.slot(action.model, action.version, action.slot)], args=[self.host]
+            )
+
+    def _fail(self, action: reconcile.Fail) -> None:
+        handle = self._handles.pop(action.wid)
+        remove_model_dir(self.host, action.wid)
+        self._backoff[(action.model, action.version, action.slot)] = action.backoff
+        log.warning(
+            "worker %s of %s:%s failed (%d in a row): %s",
+            action.wid,
+            action.model,
+            action.version,
+            action.backoff.failures,
+            action.backoff.reason,
+        )
+        self._publish_failure(
+            handle.wid,
+            action.model,
+            action.version,
+            handle.gpu,
+            handle.spawned_at,
+            action.backoff.reason,
+        )
+
+    def _publish_failure(
+        self, wid: str, model: str, version: str, gpu: int, started: float, reason: str
+    ) -> None:
+        now = self._clock()
+        record = WorkerRecord(
+            wid,
+            model,
+            version,
+            self.host,
+            -1,
+            gpu,
+            WorkerState.FAILED,
+            started,
+            reason=reason,
+            since=now,
+            heartbeat=now,
+        )
+        observed.publish(self._r, record, ttl=LEASE_SECONDS)
+
+    def _drop_record(self, wid: str, model: str, version: str) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(keys.worker(wid))
+        pipe.srem(keys.workers(model, version), wid)
+        pipe.execute()
+
+    # -- leases and presence ---------------------------------------------------------------
+
+    def _keep_alive(self) -> None:
+        """Renew this host's leases and presence; drain workers whose lease was lost."""
+        lease = int(LEASE_SECONDS * 1000)
+        for handle in list(self._handles.values()):
+            slot = keys.slot(handle.model, handle.version, handle.slot)
+            renewed = self._renew(keys=[slot], args=[self.host, lease])
+            if not renewed and handle.stop_sent_at is None:
+                log.error("lost the lease of %s; draining worker %s", slot, handle.wid)
+                _signal(handle.popen, signal.SIGTERM)
+                handle.stop_sent_at = self._clock()
+            if not handle.reported and handle.popen.poll() is None:
+                self._r.pexpire(keys.worker(handle.wid), lease)
+        for (model, version, index), backoff in self._backoff.items():
+            self._renew(keys=[keys.slot(model, version, index)], args=[self.host, lease])
+            self._r.pexpire(keys.worker(backoff.wid), lease)
+        now = self._clock()
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(keys.host(self.host), mapping={"heartbeat": now, "gpus": len(self._gpus)})
+        pipe.pexpire(keys.host(self.host), lease)
+        pipe.execute()
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick until ``stop`` is set; desired-state changes wake the loop early."""
+        pubsub = self._r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(keys.EVENTS)
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except redis.RedisError as exc:
+                    log.error("tick failed, retrying: %s", exc)
+                    stop.wait(1.0)
+                    continue
+                pubsub.get_message(timeout=TICK_SECONDS)
+        finally:
+            pubsub.close()
+
+    def shutdown(self, timeout: float) -> None:
+        """Drain every worker (SIGKILL after ``timeout``), then give up leases and presence."""
+        for handle in self._handles.values():
+            _signal(handle.popen, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for handle in self._handles.values():
+            try:
+                handle.popen.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                _signal(handle.popen, signal.SIGKILL)
+                handle.popen.wait()
+        for handle in list(self._handles.values()):
+            self._forget(
+                reconcile.Forget(
+                    handle.wid, handle.model, handle.version, handle.slot, release=True
+                )
+            )
+        for (model, version, slot), backoff in list(self._backoff.items()):
+            self._apply(reconcile.Release(model, version, slot))
+            self._drop_record(backoff.wid, model, version)
+        self._r.delete(keys.host(self.host))
+
+
+def _signal(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(sig)
