@@ -142,8 +142,8 @@ class ManagementService:
         if not synchronous:
             return 202, "Processing worker updates..."
         record = self.registry.get(name, ver)
-        current = workers_of(self._r, name, ver)
-        if len(current) > max_workers:
+        active = [w for w in workers_of(self._r, name, ver) if w.state is not WorkerState.DRAINING]
+        if len(active) > max_workers:
             if not self._waiter.until_at_most(
                 name, ver, max_workers, self.settings.unregister_model_timeout
             ):
@@ -247,7 +247,11 @@ class ManagementService:
                 "maxNumSequence": spec.max_num_sequence,
                 "maxSequenceJobQueueSize": spec.max_sequence_job_queue_size,
                 "loadedAtStartup": spec.loaded_at_startup,
-                "workers": [describe_worker(w) for w in workers],
+                # Draining workers have left the model's list, as scaled-down ones do in
+                # TorchServe: they finish their last request and take no new ones.
+                "workers": [
+                    describe_worker(w) for w in workers if w.state is not WorkerState.DRAINING
+                ],
                 "jobQueueStatus": {
                     "remainingCapacity": max(spec.job_queue_size - pending, 0),
                     "pendingRequests": pending,

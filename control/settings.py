@@ -60,6 +60,9 @@ class Settings:
     #: Seconds a synchronous register/scale waits for a worker process to start
     #: before its model load (and ``startup_timeout``) even begins.
     worker_spawn_timeout: int = 120
+    #: ``fork`` (fast: workers fork the preloaded supervisor) or ``exec`` (a fresh
+    #: interpreter per worker).
+    worker_start_method: str = "fork"
     #: Number of gunicorn worker processes and threads per API port.
     api_processes: int = 2
     api_threads: int = 16
@@ -136,6 +139,7 @@ _INT_KEYS = {
     "unregister_model_timeout",
 }
 _STR_KEYS = {
+    "worker_start_method",
     "inference_address",
     "management_address",
     "metrics_address",
@@ -210,3 +214,5 @@ def validate(settings: Settings) -> None:
         raise SettingsError("max_request_size must be positive")
     if settings.job_queue_size <= 0:
         raise SettingsError("job_queue_size must be positive")
+    if settings.worker_start_method not in ("fork", "exec"):
+        raise SettingsError("worker_start_method must be fork or exec")

@@ -69,13 +69,21 @@ class WorkerWaiter:
             self._sleep(self._interval)
 
     def until_at_most(self, name: str, version: str, count: int, timeout: float) -> bool:
-        """Wait until at most ``count`` worker processes remain; False on timeout."""
+        """Wait until at most ``count`` workers still take requests; False on timeout.
+
+        A DRAINING worker takes nothing new (it finishes the request it runs and exits),
+        so it no longer counts: scale-down and unregister answer once capacity is gone.
+        """
         deadline = self._clock() + timeout
-        while len(workers_of(self._r, name, version)) > count:
+        while _active(workers_of(self._r, name, version)) > count:
             if self._clock() >= deadline:
                 return False
             self._sleep(self._interval)
         return True
+
+
+def _active(records: list[WorkerRecord]) -> int:
+    return sum(1 for r in records if r.state is not WorkerState.DRAINING)
 
 
 def _first_failure(records: list[WorkerRecord], since: float) -> WorkerRecord | None:

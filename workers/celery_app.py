@@ -43,6 +43,9 @@ def make_celery(settings: Settings) -> Celery:
         "unacked_restore_interval": 5,
         "health_check_interval": 25,
         "socket_connect_timeout": 5,
+        # The BRPOP timeout (kombu reads it from polling_interval). A warm shutdown waits
+        # for the pending BRPOP, so this bounds how long an idle worker takes to drain.
+        "polling_interval": 0.25,
     }
     app = Celery("mqserve", broker=url, backend=url, set_as_current=False)
     app.conf.update(

@@ -20,7 +20,7 @@ from control import keys
 from control.devices import visible_gpus
 from control.server import redis_client
 from control.settings import Settings
-from workers.launch import WorkerSpawner, replace_leftovers
+from workers.launch import ForkSpawner, WorkerSpawner, replace_leftovers
 from workers.reconcile import DRAIN_GRACE
 from workers.supervisor import Supervisor
 
@@ -48,7 +48,12 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
     left = replace_leftovers(client, host)
     if left:
         log.info("replaced %d worker(s) left by an earlier supervisor of %s", left, host)
-    spawner = WorkerSpawner(settings_file, host, settings.home / "logs")
+    # Fork by default: the supervisor has imported what a worker needs, so a worker
+    # starts in milliseconds. Importing workers.process here is that preloading.
+    import workers.process  # noqa: F401
+
+    kind = ForkSpawner if settings.worker_start_method == "fork" else WorkerSpawner
+    spawner = kind(settings_file, host, settings.home / "logs")
     supervisor = Supervisor(settings, client, host, spawner, devices)
     stop = threading.Event()
 

@@ -5,10 +5,11 @@ registry, its own process table and the slot leases, calls :func:`plan`, and app
 the returned actions. Keeping the decision pure makes every rule testable as a table.
 
 Slots. Replica ``i`` of a model version is slot ``i``; a host holds a slot through a
-lease in Redis, so hosts sharing one Redis never run more than ``min_workers`` replicas
-between them. A host claims free slots below ``min_workers``, up to its fair share
-(``ceil(min_workers / live hosts)``), keeps slots below ``max_workers`` (TorchServe
-leaves workers between min and max alone) and drains slots at or above it.
+lease in Redis, so hosts sharing one Redis never run more than ``min_workers`` serving
+replicas between them (a draining worker has given its slot up). A host claims free
+slots below ``min_workers``, up to its fair share (``ceil(min_workers / live hosts)``),
+keeps slots below ``max_workers`` (TorchServe leaves workers between min and max alone)
+and drains slots at or above it.
 
 Failures. A worker that exits without being asked to, fails to load, or is killed for
 a timeout counts as a failure of its slot. The slot is retried with TorchServe's
@@ -126,7 +127,8 @@ class Start:
 
 @dataclass(frozen=True)
 class Stop:
-    """Drain a worker: SIGTERM, the running request finishes, queued ones stay."""
+    """Drain a worker and give up its slot: SIGTERM, the running request finishes,
+    queued ones stay for the other workers."""
 
     wid: str
 
@@ -235,7 +237,10 @@ def _reaped(proc: Process, target: Target | None, obs: Observed) -> Action:
     """An exited process: a clean drain, or a failure of its slot."""
     asked = proc.stop_sent_at is not None and not proc.kill_reason
     if asked or target is None or proc.slot >= target.max_workers:
-        return Forget(proc.wid, proc.model, proc.version, proc.slot, release=True)
+        # A drained worker gave its slot up when it was told to stop.
+        return Forget(
+            proc.wid, proc.model, proc.version, proc.slot, release=proc.stop_sent_at is None
+        )
     previous = obs.backoff.get((proc.model, proc.version, proc.slot))
     failures = 1
     since = obs.now
@@ -268,7 +273,9 @@ def _slots(
     owners = obs.slots.get(key, {})
     mine = {slot for slot, host in owners.items() if host == obs.host}
     procs = [p for p in obs.processes if p.key == key]
-    busy = {p.slot for p in procs}
+    # A draining worker takes no requests and has released its slot: a replacement
+    # may start while it finishes its last request.
+    busy = {p.slot for p in procs if p.stop_sent_at is None}
     actions: list[Action] = []
     if target is None:
         return [Release(*key, slot) for slot in sorted(mine - busy)]

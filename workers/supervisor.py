@@ -30,7 +30,7 @@ from control.observed import WorkerRecord, WorkerState
 from control.registry import Registry, VersionRecord
 from control.settings import Settings
 from workers import reconcile
-from workers.launch import remove_model_dir
+from workers.launch import WorkerProcess, remove_model_dir
 from workers.reconcile import Action, Backoff, Observed, Process, Target
 
 log = logging.getLogger(__name__)
@@ -53,18 +53,18 @@ return 0
 
 
 class Spawner(Protocol):
-    """Starts one worker process (``workers.launch.spawn_worker`` in production)."""
+    """Starts one worker process (``workers.launch.ForkSpawner`` in production)."""
 
     def __call__(
         self, wid: str, model: str, version: str, slot: int, gpu: int
-    ) -> subprocess.Popen[bytes]: ...
+    ) -> WorkerProcess: ...
 
 
 @dataclass
 class Handle:
     """Bookkeeping for one owned worker process."""
 
-    popen: subprocess.Popen[bytes]
+    popen: WorkerProcess
     wid: str
     model: str
     version: str
@@ -191,10 +191,7 @@ class Supervisor:
             case reconcile.Start():
                 self._start(action)
             case reconcile.Stop(wid=wid):
-                handle = self._handles[wid]
-                log.info("draining worker %s (%s:%s)", wid, handle.model, handle.version)
-                _signal(handle.popen, signal.SIGTERM)
-                handle.stop_sent_at = self._clock()
+                self._stop(self._handles[wid])
             case reconcile.Kill(wid=wid, reason=reason):
                 handle = self._handles[wid]
                 log.warning("killing worker %s: %s", wid, reason or "drain took too long")
@@ -252,6 +249,12 @@ class Supervisor:
         self._handles[wid] = Handle(
             popen, wid, action.model, action.version, action.slot, action.gpu, now
         )
+
+    def _stop(self, handle: Handle) -> None:
+        log.info("draining worker %s (%s:%s)", handle.wid, handle.model, handle.version)
+        _signal(handle.popen, signal.SIGTERM)
+        handle.stop_sent_at = self._clock()
+        self._release(keys=[keys.slot(handle.model, handle.version, handle.slot)], args=[self.host])
 
     def _forget(self, action: reconcile.Forget) -> None:
         self._handles.pop(action.wid, None)
@@ -316,11 +319,11 @@ class Supervisor:
         lease = int(LEASE_SECONDS * 1000)
         for handle in list(self._handles.values()):
             slot = keys.slot(handle.model, handle.version, handle.slot)
-            renewed = self._renew(keys=[slot], args=[self.host, lease])
-            if not renewed and handle.stop_sent_at is None:
+            if handle.stop_sent_at is None and not self._renew(
+                keys=[slot], args=[self.host, lease]
+            ):
                 log.error("lost the lease of %s; draining worker %s", slot, handle.wid)
-                _signal(handle.popen, signal.SIGTERM)
-                handle.stop_sent_at = self._clock()
+                self._stop(handle)
             if not handle.reported and handle.popen.poll() is None:
                 self._r.pexpire(keys.worker(handle.wid), lease)
         for (model, version, index), backoff in self._backoff.items():
@@ -373,7 +376,7 @@ class Supervisor:
         self._r.delete(keys.host(self.host))
 
 
-def _signal(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def _signal(popen: WorkerProcess, sig: signal.Signals) -> None:
     if popen.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             popen.send_signal(sig)

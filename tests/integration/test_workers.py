@@ -147,10 +147,18 @@ def test_register_scale_kill_unregister(stack: dict[str, Any], real_redis: redis
 
         assert api.scale("noop", {"min_worker": 3, "synchronous": "true"}).status == 200
         assert len(worker_pids(real_redis, "noop")) == 3
+        every = worker_pids(real_redis, "noop")
         assert api.scale("noop", {"min_worker": 1, "synchronous": "true"}).status == 200
-        remaining = worker_pids(real_redis, "noop")
-        assert len(remaining) == 1
-        wait_for(all_dead([p for p in pids if p not in remaining]), 30, "drained workers")
+        # Answered once the others stopped taking requests; they exit after draining.
+        serving = [
+            r.pid
+            for r in observed.workers_of(real_redis, "noop", "1.0")
+            if r.state.value != "DRAINING"
+        ]
+        assert len(serving) == 1
+        wait_for(all_dead([p for p in every if p not in serving]), 30, "drained workers")
+        wait_for(lambda: worker_pids(real_redis, "noop") == serving, 30, "records cleared")
+        remaining = serving
 
         victim = remaining[0]
         victim_id = describe(api, "noop")["workers"][0]["id"]
@@ -170,7 +178,8 @@ def test_register_scale_kill_unregister(stack: dict[str, Any], real_redis: redis
         last = worker_pids(real_redis, "noop")
         assert api.unregister_model("noop").status == 200
         wait_for(all_dead(last), 30, "unregistered workers")
-        assert real_redis.keys(keys.slot("noop", "*", "*")) == []
+        wait_for(lambda: real_redis.keys(keys.slot("noop", "*", "*")) == [], 10, "leases freed")
+        wait_for(lambda: observed.workers_of(real_redis, "noop", "1.0") == [], 10, "records")
 
 
 def test_failing_initialize_shows_reason_and_backs_off(
@@ -232,9 +241,10 @@ def test_two_supervisors_share_and_never_exceed(
     seen: list[int] = []
     done = threading.Event()
 
-    def sample() -> None:  # count live worker processes while both supervisors reconcile
+    def sample() -> None:  # count workers that are not draining while both reconcile
         while not done.wait(0.01):
-            seen.append(len(worker_pids(real_redis, "noop")))
+            records = observed.workers_of(real_redis, "noop", "1.0")
+            seen.append(sum(1 for r in records if r.state.value != "DRAINING"))
 
     with (
         supervisor(settings, stack["tmp"] / "h1", "h1"),

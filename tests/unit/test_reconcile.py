@@ -102,19 +102,31 @@ CASES: list[tuple[str, list[Target], Observed, list[Action]]] = [
     (
         "drained worker exited: forget and release",
         [replace(T, min_workers=1, max_workers=1)],
-        obs((proc(0), proc(1, stop_sent_at=NOW - 1, exit_code=0)), held(0, 1)),
-        [Forget("9001", "m", "1.0", 1, release=True)],
+        obs((proc(0), proc(1, stop_sent_at=NOW - 1, exit_code=0)), held(0)),
+        [Forget("9001", "m", "1.0", 1, release=False)],
+    ),
+    (
+        "a worker that died on its own after its model went away releases its slot",
+        [],
+        obs((proc(0, exit_code=0),), held(0)),
+        [Forget("9000", "m", "1.0", 0, release=True)],
+    ),
+    (
+        "a draining worker gave its slot up: a replacement starts beside it",
+        [T],
+        obs((proc(0), proc(1, stop_sent_at=NOW - 1)), held(0)),
+        [Start("m", "1.0", 1, -1)],
     ),
     (
         "drain past response_timeout + grace is killed",
         [replace(T, min_workers=1, max_workers=1)],
-        obs((proc(0), proc(1, stop_sent_at=NOW - 71)), held(0, 1)),
+        obs((proc(0), proc(1, stop_sent_at=NOW - 71)), held(0)),
         [Kill("9001", "")],
     ),
     (
         "still draining within grace",
         [replace(T, min_workers=1, max_workers=1)],
-        obs((proc(0), proc(1, stop_sent_at=NOW - 69)), held(0, 1)),
+        obs((proc(0), proc(1, stop_sent_at=NOW - 69)), held(0)),
         [],
     ),
     (
