@@ -6,6 +6,7 @@ exactly as ``mqserve supervisor`` runs them, and checks processes with psutil.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -363,3 +364,35 @@ def test_lost_host_share_moves_elsewhere(stack: dict[str, Any], real_redis: redi
             "h2 to take over",
         )
         assert api.unregister_model("noop").status == 200
+
+
+def test_torch_model_archiver_archive_serves(stack: dict[str, Any], store: Path) -> None:
+    """The iris example: built by the real torch-model-archiver, a BaseHandler subclass
+    importing ts.torch_handler.base_handler, served by a real worker."""
+    train = Path(__file__).resolve().parents[2] / "examples" / "iris" / "train.py"
+    built = subprocess.run(
+        [sys.executable, str(train), "--export-path", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    api, settings = stack["api"], stack["settings"]
+    with supervisor(settings, stack["tmp"] / "h1", "h1"):
+        response = api.register_model_with_params({"url": "iris.mar", "initial_workers": 1})
+        assert response.status == 200, response.body
+        app = make_celery(settings)
+        message = {
+            "id": "iris-1",
+            "headers": {},
+            "params": [
+                {"name": "body", "content_type": "application/json", "text": "[5.1, 3.5, 1.4, 0.2]"}
+            ],
+        }
+        result = app.send_task(PREDICT_TASK, args=[message], queue=keys.queue("iris", "1.0"))
+        reply = result.get(timeout=60)
+        result.forget()
+        assert reply["status"] == 200
+        scores = json.loads(reply["text"])
+        assert next(iter(scores)) == "setosa" and scores["setosa"] > 0.9
+        assert api.unregister_model("iris").status == 200
