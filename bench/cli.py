@@ -1,7 +1,9 @@
 """``scripts/bench``: benchmarks of a TorchServe-compatible server, by subcommand.
 
 ``lifecycle`` times synchronous register, scale and unregister calls (see
-:mod:`bench.lifecycle`). Results go to stdout as a table, or as JSON with ``--json``;
+:mod:`bench.lifecycle`); ``throughput`` measures predictions per second, latency and,
+given the server's pid, its memory (see :mod:`bench.throughput`). Results go to stdout
+as a table, or as JSON with ``--json``;
 progress and hints go to stderr. Exit status: 0 on success, 1 when the server answered
 something unexpected (the message says what), 2 for bad arguments.
 """
@@ -9,17 +11,73 @@ something unexpected (the message says what), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
+from bench import lifecycle, throughput
 from bench.client import BenchError, Endpoint, read_key
-from bench.lifecycle import format_table, measure_lifecycle, to_json
+from bench.load import choose_client
 
 DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
+DEFAULT_INFERENCE = "http://127.0.0.1:8080"
 COMPARE_HINT = (
     "compare with TorchServe: scripts/bench lifecycle --management http://127.0.0.1:18081 "
     "--model-store <its store>"
 )
+THROUGHPUT_HINT = (
+    "compare with TorchServe: scripts/bench throughput --inference http://127.0.0.1:18080 "
+    "--management http://127.0.0.1:18081 --model-store <its store> "
+    "--server-pid $(pgrep -f org.pytorch.serve.ModelServer) (the java process's pid), "
+    "with the same options, on the same machine"
+)
+PID_HELP = (
+    "pid at the top of the server's process tree, to report its memory: for mqserve the "
+    "first token of $MQSERVE_HOME/run/mqserve.pid ($(head -n1 $MQSERVE_HOME/run/mqserve.pid)), "
+    "for TorchServe the java process's pid ($(pgrep -f org.pytorch.serve.ModelServer))"
+)
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,8,32"`` as ``[1, 8, 32]``; every item a positive integer."""
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,8,32")
+    return values
+
+
+def model_list(text: str) -> list[str]:
+    """``"noop,iris"`` as ``["noop", "iris"]``; only the models :mod:`bench.throughput` knows."""
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in throughput.MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(throughput.MODELS)}")
+    return names
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,14 +115,80 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time registering a model whose initialisation sleeps SECONDS",
     )
     life.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_throughput(commands)
     return parser
+
+
+def _add_throughput(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tput = commands.add_parser(
+        "throughput",
+        help="predictions per second, p50/p99 latency and memory, per model/workers/batch",
+        description="For each model x workers x batch size: register it synchronously, warm "
+        "it up, load POST /predictions/<model> at each concurrency for --duration seconds "
+        "(wrk -t1 when installed, else Python threads), record req/s, p50, p99 and errors "
+        "(non-2xx answers and failed requests), report the server's memory with "
+        "--server-pid, and unregister it.",
+    )
+    tput.add_argument(
+        "--inference", default=DEFAULT_INFERENCE, help=f"inference API URL ({DEFAULT_INFERENCE})"
+    )
+    tput.add_argument(
+        "--management",
+        default=DEFAULT_MANAGEMENT,
+        help=f"management API URL ({DEFAULT_MANAGEMENT})",
+    )
+    auth = tput.add_mutually_exclusive_group()
+    auth.add_argument("--token", help="API key sent to both APIs")
+    auth.add_argument(
+        "--key-file", type=Path, help="key_file.json to read the management and inference keys from"
+    )
+    tput.add_argument(
+        "--model-store",
+        type=Path,
+        required=True,
+        help="the server's model store (bench-noop.mar and bench-iris.mar are written there "
+        "and removed after)",
+    )
+    tput.add_argument(
+        "--duration", type=positive_float, default=5.0, help="seconds per load point (5)"
+    )
+    tput.add_argument(
+        "--concurrency", type=int_list, default=[1, 8, 32], help="connections (1,8,32)"
+    )
+    tput.add_argument("--workers", type=int_list, default=[1, 2], help="workers per model (1,2)")
+    tput.add_argument(
+        "--batch-sizes", type=int_list, default=[1, 8], help="batch_size values (1,8)"
+    )
+    tput.add_argument(
+        "--max-batch-delay",
+        type=non_negative_int,
+        default=5,
+        metavar="MS",
+        help="max_batch_delay in ms (5)",
+    )
+    tput.add_argument(
+        "--models", type=model_list, default=["noop", "iris"], help="models (noop,iris)"
+    )
+    tput.add_argument(
+        "--iris-mar",
+        type=Path,
+        help=f"the iris archive (default {throughput.DEFAULT_IRIS_MAR}, built with "
+        "examples/iris/train.py when missing)",
+    )
+    tput.add_argument("--server-pid", type=int, help=PID_HELP)
+    tput.add_argument(
+        "--client",
+        choices=("wrk", "python"),
+        help="load client (wrk when it is on PATH, else python)",
+    )
+    tput.add_argument("--json", action="store_true", help="print JSON only")
 
 
 def run_lifecycle(args: argparse.Namespace) -> str:
     """Run the lifecycle benchmark for parsed ``args``; the report to print."""
     token = read_key(args.key_file) if args.key_file is not None else args.token
     endpoint = Endpoint(args.management, token)
-    rows = measure_lifecycle(
+    rows = lifecycle.measure_lifecycle(
         endpoint,
         args.model_store,
         runs=args.runs,
@@ -72,20 +196,60 @@ def run_lifecycle(args: argparse.Namespace) -> str:
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:
-        return to_json(rows, endpoint.base_url, args.runs)
-    return format_table(rows, endpoint.base_url, args.runs)
+        return lifecycle.to_json(rows, endpoint.base_url, args.runs)
+    return lifecycle.format_table(rows, endpoint.base_url, args.runs)
+
+
+def run_throughput(args: argparse.Namespace) -> str:
+    """Run the throughput benchmark for parsed ``args``; the report to print."""
+    if args.key_file is not None:
+        management_token: str | None = read_key(args.key_file, "management")
+        inference_token: str | None = read_key(args.key_file, "inference")
+    else:
+        management_token = inference_token = args.token
+    client = choose_client(args.client, shutil.which("wrk"))
+    if client == "python" and args.client is None:
+        print("bench: wrk is not on PATH; loading with Python threads", file=sys.stderr)
+    plan = throughput.Plan(
+        models=args.models,
+        workers=args.workers,
+        batch_sizes=args.batch_sizes,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        max_batch_delay=args.max_batch_delay,
+        client=client,
+        server_pid=args.server_pid,
+    )
+    inference = Endpoint(args.inference).base_url  # validates the URL
+    results = throughput.measure_throughput(
+        plan,
+        inference,
+        Endpoint(args.management, management_token),
+        args.model_store,
+        inference_token=inference_token,
+        iris_mar=args.iris_mar,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    if args.json:
+        return throughput.to_json(results, plan, inference)
+    return throughput.format_report(results, plan, inference)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/bench``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    if args.runs < 1:
-        build_parser().error("--runs must be at least 1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "lifecycle" and args.runs < 1:
+        parser.error("--runs must be at least 1")
     try:
-        report = run_lifecycle(args)
+        if args.command == "lifecycle":
+            report, hint = run_lifecycle(args), COMPARE_HINT
+        else:
+            report = run_throughput(args)
+            hint = THROUGHPUT_HINT if args.json else "\n" + THROUGHPUT_HINT
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     print(report)
-    print(COMPARE_HINT, file=sys.stderr if args.json else sys.stdout)
+    print(hint, file=sys.stderr if args.json else sys.stdout)
     return 0

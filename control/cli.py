@@ -185,6 +185,55 @@ def status() -> None:
     envvar="TS_CONFIG_FILE",
     help="TorchServe config.properties file.",
 )
+@click.option("--model-store", type=click.Path(path_type=Path), help="Directory of archives.")
+@click.option("--redis-url", envvar="MQSERVE_REDIS_URL", help="The stack's Redis.")
+@click.option("--models", multiple=True, help="Models to register at startup, as for start.")
+@click.option("--enable-model-api", is_flag=True, help="Allow registering and deleting models.")
+@click.option("--disable-token-auth", "--dt", is_flag=True, help="Serve without API keys.")
+@click.option("--check", is_flag=True, help="Exit 0 when the three API ports answer.")
+def api(
+    ts_config: Path | None,
+    model_store: Path | None,
+    redis_url: str | None,
+    models: tuple[str, ...],
+    enable_model_api: bool,
+    disable_token_auth: bool,
+    check: bool,
+) -> None:
+    """Run the management, inference and metrics APIs in the foreground (no supervisor).
+
+    For a container or host that serves the APIs while supervisors run elsewhere
+    against the same Redis; --redis-url is required.
+    """
+    try:
+        settings = build_settings(
+            ts_config, model_store, models, enable_model_api, disable_token_auth, redis_url
+        )
+    except FAILURES as exc:
+        raise click.ClickException(str(exc)) from exc
+    if check:
+        silent = launcher.api_answers(settings)
+        click.echo("api is " + (f"not answering on {', '.join(silent)}" if silent else "up"))
+        raise SystemExit(1 if silent else 0)
+    if settings.redis_url is None:
+        raise click.ClickException("mqserve api needs --redis-url (or $MQSERVE_REDIS_URL)")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
+    )
+    try:
+        code = launcher.run(settings, with_supervisor=False)
+    except FAILURES as exc:
+        raise click.ClickException(str(exc)) from exc
+    raise SystemExit(code)
+
+
+@cli.command()
+@click.option(
+    "--ts-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TS_CONFIG_FILE",
+    help="TorchServe config.properties file.",
+)
 @click.option(
     "--model-store",
     type=click.Path(path_type=Path),
@@ -233,6 +282,39 @@ def supervisor(
         level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
     )
     workers_main.run_supervisor(settings, host, devices)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write one JSON result per input line, in input order.",
+)
+@click.option("--version", "model_version", default=None, help="Model version (default: default).")
+@click.option("--redis-url", envvar="MQSERVE_REDIS_URL", help="Default: $MQSERVE_HOME's stack.")
+@click.option("--timeout", type=float, default=None, help="Seconds before the job is cancelled.")
+def batch(
+    model: str,
+    inputs: Path,
+    output: Path,
+    model_version: str | None,
+    redis_url: str | None,
+    timeout: float | None,
+) -> None:
+    """Run INPUTS (JSON Lines, one input per line) through MODEL as a batch job.
+
+    Exit code 0 when every item succeeded, 1 when some failed, 2 when the job timed
+    out or was cancelled.
+    """
+    from control import batch_client  # imports Celery; keep the other commands light
+
+    settings = batch_client.cli_settings(home_from_env(), redis_url)
+    code = batch_client.run_batch(settings, model, inputs, output, model_version, timeout)
+    raise SystemExit(code)
 
 
 def main() -> None:

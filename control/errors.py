@@ -11,6 +11,7 @@ one place, :func:`control.http.render_error`.
     ├── ModelNotFoundException             404
     ├── ModelVersionNotFoundException      404
     ├── WorkflowNotFoundException          404
+    ├── JobNotFoundException               404 (mqserve's batch jobs)
     ├── BadRequestException                400
     ├── InvalidModelException              400
     ├── InvalidKeyException                400 (token failures)
@@ -64,6 +65,12 @@ class ModelVersionNotFoundException(ModelServerError):
 
 
 class WorkflowNotFoundException(ModelServerError):
+    code = 404
+
+
+class JobNotFoundException(ModelServerError):
+    """A batch job id that is unknown or has expired (beyond TorchServe)."""
+
     code = 404
 
 

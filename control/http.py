@@ -74,6 +74,17 @@ class CommonHeaders:
         req.context.request_id = str(uuid.uuid4())
 
 
+class RequestSizeLimit:
+    """Refuse bodies over ``max_request_size`` with a bare 413, before any other work."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.content_length is not None and req.content_length > self._limit:
+            raise falcon.HTTPContentTooLarge()
+
+
 def render_error(req: falcon.Request, resp: falcon.Response, exc: ModelServerError) -> None:
     """The one renderer of error bodies."""
     resp.status = exc.status

@@ -42,8 +42,29 @@ Observed state
 
 Queues
 ------
-``mqs.q.{name}.{ver}``           LIST   the model version's inference queue (Celery/kombu
-                                        queue name, so ``LLEN`` = pending requests).
+``mqs:q:{name}:{ver}``           LIST   online inference requests (``control.envelope``
+                                        frames). The API LPUSHes, workers BLMOVE from the
+                                        right into their in-flight list (FIFO).
+``mqs:o:inflight:{wid}``         LIST   + TTL: requests worker ``wid`` took and has not
+                                        answered; answered with "Worker died." if it dies.
+``mqs:r:{request_id}``           LIST   + TTL: the reply frame of one request; the API
+                                        BLPOPs it (no polling).
+``mqs.q.{name}.{ver}``           LIST   the model version's Celery queue (kombu's list of
+                                        task messages): queue-submitted batch jobs.
+
+Batch jobs
+----------
+``mqs:job:{id}``                 HASH   + TTL: ``model``, ``version``, ``status``, ``total``,
+                                        ``done``, ``failed``, ``created``, ``expires``,
+                                        ``content_type``, ``batch_size``.
+``mqs:job:{id}:items``           HASH   + TTL: item index -> input (raw bytes).
+``mqs:job:{id}:results``         HASH   + TTL: item index -> result (JSON).
+
+Metrics
+-------
+``mqs:m:{family}``               HASH   one metric family: series (labels as JSON) -> value;
+                                        counters and histogram buckets summed over every
+                                        process, gauges last-writer-wins (``control.metrics``).
 
 Access control
 --------------
@@ -102,8 +123,43 @@ def slot(name: str, ver: str, index: int | str) -> str:
 
 
 def queue(name: str, ver: str) -> str:
-    """The Celery queue (a Redis LIST) of one model version."""
+    """The Celery queue (a Redis LIST) of one model version: batch jobs."""
     return f"{PREFIX}.q.{name}.{ver}"
+
+
+def requests(name: str, ver: str) -> str:
+    """LIST of online inference request frames for one model version."""
+    return f"{PREFIX}:q:{name}:{ver}"
+
+
+def inflight(wid: str) -> str:
+    """LIST of request frames worker ``wid`` is working on."""
+    return f"{PREFIX}:o:inflight:{wid}"
+
+
+def reply(request_id: str) -> str:
+    """LIST holding the reply frame of one request."""
+    return f"{PREFIX}:r:{request_id}"
+
+
+def job(job_id: str) -> str:
+    """HASH describing one batch job."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_items(job_id: str) -> str:
+    """HASH of a batch job's inputs, by item index."""
+    return f"{PREFIX}:job:{job_id}:items"
+
+
+def job_results(job_id: str) -> str:
+    """HASH of a batch job's results (JSON), by item index."""
+    return f"{PREFIX}:job:{job_id}:results"
+
+
+def metrics(name: str) -> str:
+    """HASH of one metric family's series, summed over processes."""
+    return f"{PREFIX}:m:{name}"
 
 
 def event(name: str, ver: str) -> str:

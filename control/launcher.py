@@ -31,7 +31,14 @@ from control.home import Home
 from control.params import Params
 from control.server import management_service
 from control.settings import Settings
-from control.stack import REDIS_STOP_TIMEOUT_S, Interrupted, LaunchError, Stack
+from control.stack import (
+    API_PORTS,
+    REDIS_STOP_TIMEOUT_S,
+    Interrupted,
+    LaunchError,
+    Stack,
+    answers_http,
+)
 
 __all__ = [
     "LaunchError",
@@ -134,13 +141,13 @@ def _refuse_if_running(home: Home) -> None:
         )
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, with_supervisor: bool = True) -> int:
     """Run a stack in the foreground until SIGTERM/SIGINT (0) or a child dies (1).
 
     Raises :class:`LaunchError` when the stack cannot start; whatever had started is
-    stopped first.
+    stopped first. ``with_supervisor=False`` runs the API ports only (``mqserve api``).
     """
-    stack = Stack(settings, after_start=load_models)
+    stack = Stack(settings, after_start=load_models, with_supervisor=with_supervisor)
     stack.home.make()
     with _exclusive(stack.home), _stop_signals(stack.request_stop):
         _refuse_if_running(stack.home)
@@ -232,6 +239,11 @@ def _stop_budget(home: Home) -> float:
     except (OSError, ValueError):
         settings = Settings()
     return settings.unregister_model_timeout + 15 + REDIS_STOP_TIMEOUT_S + 15
+
+
+def api_answers(settings: Settings) -> list[str]:
+    """The API ports (of :data:`API_PORTS`) that do not answer HTTP; empty when healthy."""
+    return [which for which in API_PORTS if not answers_http(*settings.bind(which))]
 
 
 def status(home_dir: Path) -> tuple[str, int | None]:

@@ -24,7 +24,7 @@ from control.errors import (
     ResourceNotFoundException,
     WorkflowNotFoundException,
 )
-from control.http import new_app, segments, send_json, send_status
+from control.http import RequestSizeLimit, new_app, segments, send_json, send_status
 from control.openapi import load_description
 from control.params import Params
 from control.service import MAX_PAGE, ManagementService
@@ -171,22 +171,12 @@ def _without_name_parameter(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-class RequestSizeLimit:
-    """Refuse bodies over ``max_request_size`` with a bare 413, before any other work."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.content_length is not None and req.content_length > self._limit:
-            raise falcon.HTTPContentTooLarge()
-
-
 def create_management_app(
-    service: ManagementService, keystore: KeyStore | None
+    service: ManagementService, keystore: KeyStore | None, extra: list[Any] | None = None
 ) -> falcon.App[falcon.Request, falcon.Response]:
-    """The WSGI app of port 8081. ``keystore`` is None when token auth is disabled."""
-    middleware: list[Any] = [RequestSizeLimit(service.settings.max_request_size)]
+    """The WSGI app of port 8081. ``keystore`` is None when token auth is disabled;
+    ``extra`` middleware (response counters) runs first."""
+    middleware: list[Any] = [*(extra or []), RequestSizeLimit(service.settings.max_request_size)]
     if keystore is not None:
         middleware.append(TokenAuth(keystore, "management"))
     app = new_app(middleware)

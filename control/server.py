@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from control.archive import Limits, ModelStore
-from control.auth import KeyStore
-from control.http import WSGIApp, close_on_error
+from control.auth import KeyStore, TokenAuth
+from control.dispatch import Dispatcher
+from control.health import healthy
+from control.http import RequestSizeLimit, WSGIApp, close_on_error
+from control.inference import create_inference_app
+from control.jobs import JobStore
+from control.jobs_api import add_job_routes
 from control.management import create_management_app
+from control.metrics import CountResponses, MetricsRecorder, create_metrics_app
 from control.service import ManagementService
 from control.settings import Settings
+from workers.celery_app import make_celery
 
 SETTINGS_ENV = "MQSERVE_SETTINGS"
 
@@ -27,6 +35,11 @@ def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url, decode_responses=True, health_check_interval=25, socket_connect_timeout=5
     )
+
+
+def redis_bytes_client(url: str) -> redis.Redis:
+    """A client returning ``bytes``: for request and reply frames, which carry raw data."""
+    return redis.Redis.from_url(url, health_check_interval=25, socket_connect_timeout=5)
 
 
 def model_store(settings: Settings) -> ModelStore:
@@ -51,7 +64,18 @@ def keystore(settings: Settings, client: redis.Redis) -> KeyStore | None:
 
 def management_service(settings: Settings, client: redis.Redis) -> ManagementService:
     """The management operations over ``client``."""
-    return ManagementService(settings, client, model_store(settings))
+    dispatcher = Dispatcher(redis_bytes_client(settings.redis_url)) if settings.redis_url else None
+    return ManagementService(settings, client, model_store(settings), dispatcher=dispatcher)
+
+
+def recorder_for(settings: Settings) -> MetricsRecorder:
+    """This process's metrics recorder, flushed to Redis every second by a daemon thread."""
+    url = settings.redis_url
+    if url is None:
+        raise RuntimeError("settings.redis_url must be set before building an app")
+    recorder = MetricsRecorder()
+    recorder.start_flusher(lambda: redis_client(url))
+    return recorder
 
 
 def build_management(settings: Settings, client: redis.Redis | None = None) -> WSGIApp:
@@ -60,8 +84,44 @@ def build_management(settings: Settings, client: redis.Redis | None = None) -> W
         if settings.redis_url is None:
             raise RuntimeError("settings.redis_url must be set before building an app")
         client = redis_client(settings.redis_url)
-    app = create_management_app(management_service(settings, client), keystore(settings, client))
+    app = create_management_app(
+        management_service(settings, client), keystore(settings, client),
+        [CountResponses(recorder_for(settings))],
+    )  # fmt: skip
     return close_on_error(app)
+
+
+def build_inference(settings: Settings, client: redis.Redis | None = None) -> WSGIApp:
+    """The inference app (port 8080), ready for any WSGI server."""
+    url = settings.redis_url
+    if url is None:
+        raise RuntimeError("settings.redis_url must be set before building an app")
+    text = client if client is not None else redis_client(url)
+    dispatcher = Dispatcher(redis_bytes_client(url))
+    recorder = recorder_for(settings)
+    middleware: list[Any] = [CountResponses(recorder), RequestSizeLimit(settings.max_request_size)]
+    store = keystore(settings, text)
+    if store is not None:
+        # Health probes cannot carry secrets: /ping answers without a key.
+        middleware.append(TokenAuth(store, "inference", exempt=frozenset({"/ping"})))
+    app = create_inference_app(settings, dispatcher, lambda: healthy(text), middleware, recorder)
+    # Beyond TorchServe: queue-submitted batch jobs, on the same port and keys.
+    add_job_routes(app, JobStore(text, make_celery(settings)), settings.max_request_size)
+    return close_on_error(app)
+
+
+def metrics_app() -> WSGIApp:
+    """gunicorn entry point: ``gunicorn 'control.server:metrics_app()'``."""
+    settings = settings_from_env()
+    if settings.redis_url is None:
+        raise RuntimeError("settings.redis_url must be set before building an app")
+    client = redis_client(settings.redis_url)
+    return close_on_error(create_metrics_app(client, recorder_for(settings)))
+
+
+def inference_app() -> WSGIApp:
+    """gunicorn entry point: ``gunicorn 'control.server:inference_app()'``."""
+    return build_inference(settings_from_env())
 
 
 def settings_from_env() -> Settings:

@@ -7,6 +7,7 @@ returns ``(status, message)`` for status-type answers or a JSON-ready document.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import redis
 
 from control import keys
+from control.dispatch import Dispatcher
 from control.errors import (
     BadRequestException,
     InternalServerException,
@@ -53,9 +55,12 @@ class ManagementService:
         store: ArchiveSource,
         clock: Callable[[], float] = time.time,
         waiter: WorkerWaiter | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.settings = settings
         self._r = client
+        #: Sends describe requests to workers (``customized=true``); None: no data plane.
+        self._dispatcher = dispatcher
         self.registry = Registry(client, clock)
         self._store = store
         self._clock = clock
@@ -204,14 +209,32 @@ class ManagementService:
             records = [self.registry.get(name, version)]
         docs = [self._describe_one(r) for r in records]
         if customized and version != "all":
-            record = records[0]
-            if not any(w.state.serving for w in workers_of(self._r, name, record.spec.version)):
-                raise ServiceUnavailableException(
-                    f'Model "{name}" has no worker to serve describe request. '
-                    "Please use scale workers API to add workers."
-                )
-            raise InternalServerException("Failed to get customized model matadata.")
+            docs[0]["customizedMetadata"] = self._customized(records[0])
         return docs
+
+    def _customized(self, record: VersionRecord) -> dict[str, Any]:
+        """The handler's ``describe_handle`` output, asked through the model's queue."""
+        name = record.spec.model_name
+        no_worker = ServiceUnavailableException(
+            f'Model "{name}" has no worker to serve describe request. '
+            "Please use scale workers API to add workers."
+        )
+        failed = InternalServerException("Failed to get customized model matadata.")
+        if self._dispatcher is None:
+            raise no_worker
+        try:
+            outcome = self._dispatcher.send(record, (), {"describe": "True"}, kind="describe")
+        except ServiceUnavailableException:  # no worker, or its queue is full
+            raise no_worker from None
+        except InternalServerException:
+            raise failed from None
+        if outcome.reply.error is not None or outcome.reply.status != 200:
+            raise failed
+        try:
+            metadata = json.loads(outcome.reply.body)
+        except ValueError:
+            return {}
+        return metadata if isinstance(metadata, dict) else {}
 
     def _describe_one(self, record: VersionRecord) -> dict[str, Any]:
         spec = record.spec

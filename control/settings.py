@@ -46,6 +46,9 @@ class Settings:
     token_expiration_min: float = 60.0
     default_workers_per_model: int = 0
     job_queue_size: int = 100
+    #: Answer to a full queue: TorchServe's 503, or 429 with ``Retry-After`` for clients
+    #: that want honest back-pressure (config key ``queue_full_status``).
+    queue_full_status: int = 503
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
     default_response_timeout: int = 120
     default_startup_timeout: int = 120
@@ -131,6 +134,7 @@ def parse_address(address: str) -> tuple[str, int]:
 # -- config.properties --------------------------------------------------------------
 
 _INT_KEYS = {
+    "queue_full_status",
     "default_workers_per_model",
     "job_queue_size",
     "max_request_size",
@@ -214,5 +218,7 @@ def validate(settings: Settings) -> None:
         raise SettingsError("max_request_size must be positive")
     if settings.job_queue_size <= 0:
         raise SettingsError("job_queue_size must be positive")
+    if settings.queue_full_status not in (429, 503):
+        raise SettingsError("queue_full_status must be 503 (TorchServe) or 429")
     if settings.worker_start_method not in ("fork", "exec"):
         raise SettingsError("worker_start_method must be fork or exec")

@@ -162,22 +162,27 @@ def redis_child(home: Home) -> Child:
     return Child("redis", argv, ready, None, REDIS_START_TIMEOUT_S, REDIS_STOP_TIMEOUT_S)
 
 
-def management_child(settings: Settings, home: Home) -> Child:
-    """gunicorn serving the management API; the settings reach it as a JSON file."""
-    host, port = settings.bind("management")
-    ensure_free(host, port, "management_address")
+def api_child(settings: Settings, home: Home, which: str) -> Child:
+    """gunicorn serving one API (``management``, ``inference`` or ``metrics``).
+
+    gthread workers: a synchronous register or a prediction waits on Redis for as long
+    as it takes, and gthread's timeout only checks that the worker process lives.
+    """
+    host, port = settings.bind(which)
+    ensure_free(host, port, f"{which}_address")
     graceful = settings.unregister_model_timeout + 10
+    # Only the inference port needs several processes for throughput; management and
+    # metrics are served well by one process's threads, which saves ~100 MiB per process.
+    processes = settings.api_processes if which == "inference" else 1
     argv = (
-        sys.executable, "-m", "gunicorn", "control.server:management_app()",
+        sys.executable, "-m", "gunicorn", f"control.server:{which}_app()",
         "--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-        "-k", "gthread", "--workers", str(settings.api_processes),
+        "-k", "gthread", "--workers", str(processes),
         "--threads", str(settings.api_threads), "--no-control-socket",
         "--graceful-timeout", str(graceful), "--timeout", "30", "--access-logfile", "-",
     )  # fmt: skip
     env = {**os.environ, SETTINGS_ENV: str(home.settings_file)}
-    return Child(
-        "management", argv, lambda: answers_http(host, port), env, stop_timeout=graceful + 5
-    )
+    return Child(which, argv, lambda: answers_http(host, port), env, stop_timeout=graceful + 5)
 
 
 def supervisor_child(settings: Settings, home: Home) -> Child:
@@ -204,9 +209,19 @@ def supervisor_child(settings: Settings, home: Home) -> Child:
     return Child("supervisor", argv, ready, None, stop_timeout=180.0)
 
 
-def api_children(settings: Settings, home: Home) -> list[Child]:
-    """The processes started once Redis is up and the keys are issued, in start order."""
-    return [management_child(settings, home), supervisor_child(settings, home)]
+API_PORTS = ("management", "inference", "metrics")
+
+
+def api_children(settings: Settings, home: Home, with_supervisor: bool = True) -> list[Child]:
+    """The processes started once Redis is up and the keys are issued, in start order.
+
+    ``with_supervisor=False`` is ``mqserve api``: the API ports only, as the compose
+    stack's ``api`` service runs them, with the supervisor in a container of its own.
+    """
+    children = [api_child(settings, home, which) for which in API_PORTS]
+    if with_supervisor:
+        children.append(supervisor_child(settings, home))
+    return children
 
 
 # -- the stack -------------------------------------------------------------------------------
@@ -215,8 +230,14 @@ def api_children(settings: Settings, home: Home) -> list[Child]:
 class Stack:
     """The children of one mqserve home, started in order and stopped in reverse."""
 
-    def __init__(self, settings: Settings, after_start: AfterStart | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        after_start: AfterStart | None = None,
+        with_supervisor: bool = True,
+    ) -> None:
         self.home = Home.at(settings.home)
+        self._with_supervisor = with_supervisor
         self._after_start = after_start
         self.settings = settings.replace(home=self.home.root)
         self._running: list[Running] = []
@@ -245,7 +266,7 @@ class Stack:
         client = redis_client(url)
         try:
             self._prepare(client)
-            for child in api_children(self.settings, self.home):
+            for child in api_children(self.settings, self.home, self._with_supervisor):
                 self._launch(child)
             if self._after_start is not None:
                 self._after_start(self.settings, client)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psutil
 import redis
@@ -29,6 +31,9 @@ class Reporter:
         self._stop = threading.Event()
         self._proc = psutil.Process(os.getpid())
         self._thread: threading.Thread | None = None
+        self._busy = 0
+        self._busy_since = 0.0
+        self._extra_keys: list[tuple[str, int]] = []
 
     @property
     def record(self) -> WorkerRecord:
@@ -44,6 +49,28 @@ class Reporter:
             )
             observed.publish(self._r, self._record)
 
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark the worker BUSY while the block runs (nesting allowed).
+
+        Nothing is written per request: the heartbeat publishes BUSY, with the time
+        the work began, within half an interval, which is all the supervisor's
+        response timeout needs, and keeps Redis off the request path.
+        """
+        with self._lock:
+            if self._busy == 0:
+                self._busy_since = observed.now()
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def keep_alive(self, key: str, ttl_ms: int) -> None:
+        """Refresh ``key``'s TTL with every beat (the worker's in-flight list)."""
+        self._extra_keys.append((key, ttl_ms))
+
     def start(self) -> None:
         """Start beating in a daemon thread."""
         self._thread = threading.Thread(target=self._beat, name="mqserve-heartbeat", daemon=True)
@@ -55,14 +82,24 @@ class Reporter:
         if self._thread is not None:
             self._thread.join(timeout=2 * observed.HEARTBEAT_INTERVAL)
 
+    def _beat_record(self, memory: int) -> WorkerRecord:
+        """The record to publish now; READY and BUSY follow :meth:`busy`."""
+        record = dataclasses.replace(self._record, memory=memory, heartbeat=observed.now())
+        if record.state.serving:
+            if self._busy and record.state is not WorkerState.BUSY:
+                record = dataclasses.replace(record, state=WorkerState.BUSY, since=self._busy_since)
+            elif not self._busy and record.state is WorkerState.BUSY:
+                record = dataclasses.replace(record, state=WorkerState.READY, since=observed.now())
+        return record
+
     def _beat(self) -> None:
         while not self._stop.wait(observed.HEARTBEAT_INTERVAL / 2):
             try:
                 memory = self._proc.memory_info().rss
                 with self._lock:
-                    self._record = dataclasses.replace(
-                        self._record, memory=memory, heartbeat=observed.now()
-                    )
+                    self._record = self._beat_record(memory)
                     observed.publish(self._r, self._record)
+                for key, ttl in self._extra_keys:
+                    self._r.pexpire(key, ttl)
             except redis.RedisError:
                 continue  # Redis away for a moment: the next beat retries

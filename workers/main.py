@@ -18,7 +18,7 @@ import redis
 
 from control import keys
 from control.devices import visible_gpus
-from control.server import redis_client
+from control.server import redis_bytes_client, redis_client
 from control.settings import Settings
 from workers.launch import ForkSpawner, WorkerSpawner, replace_leftovers
 from workers.reconcile import DRAIN_GRACE
@@ -54,7 +54,8 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
 
     kind = ForkSpawner if settings.worker_start_method == "fork" else WorkerSpawner
     spawner = kind(settings_file, host, settings.home / "logs")
-    supervisor = Supervisor(settings, client, host, spawner, devices)
+    frames = redis_bytes_client(settings.redis_url)
+    supervisor = Supervisor(settings, client, host, spawner, devices, frames=frames)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
@@ -23,10 +24,11 @@ from celery import signals
 from control import keys
 from control.archive import ModelStore
 from control.errors import ModelServerError
+from control.metrics import MetricsRecorder
 from control.observed import WorkerRecord, WorkerState
 from control.observed import now as wall
 from control.registry import Registry
-from control.server import model_store, redis_client, settings_from_env
+from control.server import model_store, redis_bytes_client, redis_client, settings_from_env
 from control.settings import Settings
 from workers.celery_app import make_celery
 from workers.handling.compat import install_compat_path
@@ -34,6 +36,7 @@ from workers.handling.loader import LoadError, enter_model_dir, load_handler
 from workers.handling.service import LoadedModel
 from workers.heartbeat import Reporter
 from workers.launch import model_dir
+from workers.serving import Batcher, ModelRunner, OnlineLoop
 from workers.tasks import register_tasks
 
 log = logging.getLogger("mqserve.worker")
@@ -67,20 +70,50 @@ def load(settings: Settings, store: ModelStore, args: argparse.Namespace) -> Loa
     return load_handler(root, record.spec, 0 if args.gpu >= 0 else None)
 
 
-def _wire_signals(reporter: Reporter) -> None:
+def _wire_signals(reporter: Reporter, online: OnlineLoop) -> None:
     def ready(**_: Any) -> None:
+        online.start()
         reporter.set_state(WorkerState.READY)
-
-    def busy(**_: Any) -> None:
-        reporter.set_state(WorkerState.BUSY)
 
     def draining(**_: Any) -> None:
         reporter.set_state(WorkerState.DRAINING)
+        online.stop()  # answers the batch in progress, takes nothing new
 
     signals.worker_ready.connect(ready, weak=False)
-    signals.task_prerun.connect(busy, weak=False)
-    signals.task_postrun.connect(ready, weak=False)
     signals.worker_shutting_down.connect(draining, weak=False)
+
+
+def _observer(
+    recorder: MetricsRecorder, model: str, version: str
+) -> Callable[[int, list[Any]], None]:
+    """Record each batch's size and the handler's HandlerTime/PredictionTime (ms)."""
+
+    def observe(size: int, records: list[Any]) -> None:
+        recorder.batch_size(model, version, size)
+        for record in records:
+            if record.name in ("HandlerTime", "PredictionTime"):
+                recorder.gauge(record.name, record.value, {"ModelName": model, "Level": "Model"})
+
+    return observe
+
+
+def _online_loop(
+    settings: Settings, args: argparse.Namespace, runner: ModelRunner, reporter: Reporter
+) -> OnlineLoop:
+    client = redis_bytes_client(settings.redis_url or "")
+    spec = Registry(client).get(args.model, args.version).spec
+    inflight = keys.inflight(args.wid)
+    # The in-flight list lives as long as this worker; if the whole host vanishes it
+    # expires on its own (its requests were answered "Worker died." by the API).
+    reporter.keep_alive(inflight, int(max(spec.response_timeout * 2, 600) * 1000))
+    batcher = Batcher(
+        client,
+        keys.requests(args.model, args.version),
+        inflight,
+        spec.batch_size,
+        spec.max_batch_delay,
+    )
+    return OnlineLoop(client, runner, batcher, inflight)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,9 +153,17 @@ def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> 
         reporter.set_state(WorkerState.FAILED, str(exc))
         return EXIT_OUT_OF_MEMORY if exc.oom else EXIT_LOAD_FAILED
     log.info("model %s:%s loaded in %.3f s", args.model, args.version, wall() - started)
+    recorder = MetricsRecorder()
+    recorder.start_flusher(lambda: redis_client(settings.redis_url or ""))
+    recorder.gauge(
+        "WorkerLoadTime",
+        (wall() - started) * 1000,
+        {"WorkerName": f"W-{args.wid}-{args.model}_{args.version}", "Level": "Host"},
+    )
+    runner = ModelRunner(model, reporter.busy, _observer(recorder, args.model, args.version))
     app = make_celery(settings)
-    register_tasks(app, model)
-    _wire_signals(reporter)
+    register_tasks(app, runner, redis_client(settings.redis_url or ""))
+    _wire_signals(reporter, _online_loop(settings, args, runner, reporter))
     app.worker_main(
         [
             "worker",

@@ -32,6 +32,7 @@ from control.settings import Settings
 from workers import reconcile
 from workers.launch import WorkerProcess, remove_model_dir
 from workers.reconcile import Action, Backoff, Observed, Process, Target
+from workers.serving import answer_all
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,13 @@ class Supervisor:
         spawner: Spawner,
         gpus: tuple[int, ...] = (),
         clock: Callable[[], float] = time.time,
+        frames: redis.Redis | None = None,
     ) -> None:
         self.settings = settings
         self.host = host
         self._r = client
+        #: A bytes-returning client for request frames (``client`` decodes to str).
+        self._frames = frames if frames is not None else client
         self._registry = Registry(client)
         self._spawn = spawner
         self._gpus = gpus
@@ -257,7 +261,9 @@ class Supervisor:
         self._release(keys=[keys.slot(handle.model, handle.version, handle.slot)], args=[self.host])
 
     def _forget(self, action: reconcile.Forget) -> None:
-        self._handles.pop(action.wid, None)
+        handle = self._handles.pop(action.wid, None)
+        if handle is not None:
+            self._answer_inflight(handle)
         remove_model_dir(self.host, action.wid)
         self._backoff.pop((action.model, action.version, action.slot), None)
         self._drop_record(action.wid, action.model, action.version)
@@ -268,6 +274,7 @@ class Supervisor:
 
     def _fail(self, action: reconcile.Fail) -> None:
         handle = self._handles.pop(action.wid)
+        self._answer_inflight(handle)
         remove_model_dir(self.host, action.wid)
         self._backoff[(action.model, action.version, action.slot)] = action.backoff
         log.warning(
@@ -286,6 +293,19 @@ class Supervisor:
             handle.spawned_at,
             action.backoff.reason,
         )
+
+    def _answer_inflight(self, handle: Handle) -> None:
+        """Answer the requests a dead worker held: TorchServe's ``Worker died.``.
+
+        A SIGKILL we did not send is the kernel's OOM killer: 507, as TorchServe maps
+        exit code 137; any other death is 500.
+        """
+        oom = handle.popen.poll() == -signal.SIGKILL and not handle.kill_reason
+        answered = answer_all(
+            self._frames, keys.inflight(handle.wid), 507 if oom else 500, "Worker died."
+        )
+        if answered:
+            log.warning("answered %d request(s) of dead worker %s", answered, handle.wid)
 
     def _publish_failure(
         self, wid: str, model: str, version: str, gpu: int, started: float, reason: str

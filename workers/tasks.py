@@ -6,20 +6,18 @@ the task only adapts queue messages to :class:`workers.handling` calls.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
+import redis
 from celery import Celery
 
-from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest
+from control.jobs import BATCH_TASK
+from workers.handling.types import HandlerFailure
+from workers.jobs import run_chunk
 from workers.messages import failure_message, parse_request, reply_message
+from workers.serving import Handles
 
 PREDICT_TASK = "mqserve.predict"
-
-
-class Handles(Protocol):
-    """What a task needs from a loaded model (``workers.handling.LoadedModel``)."""
-
-    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]: ...
 
 
 def predict(model: Handles, message: dict[str, Any]) -> dict[str, Any]:
@@ -32,9 +30,28 @@ def predict(model: Handles, message: dict[str, Any]) -> dict[str, Any]:
     return reply_message(reply)
 
 
-def register_tasks(app: Celery, model: Handles) -> None:
-    """Bind the tasks of a model worker to ``model``."""
+def register_tasks(app: Celery, model: Handles, client: redis.Redis) -> None:
+    """Bind the tasks of a model worker to ``model``; batch jobs live in ``client``'s Redis.
+
+    ``model`` is shared by both tasks and the online loop (``workers.serving.ModelRunner``
+    serialises them), which is how batch jobs share a worker with online requests.
+    """
 
     @app.task(name=PREDICT_TASK, acks_late=True)  # type: ignore[untyped-decorator]
     def predict_task(message: dict[str, Any]) -> dict[str, Any]:
         return predict(model, message)
+
+    # ignore_result: a chunk's outcome is in the job's Redis keys (control.jobs). A Redis
+    # error would leave the chunk's items pending forever: retry, which is safe.
+    batch = app.task(
+        name=BATCH_TASK,
+        acks_late=True,
+        ignore_result=True,
+        autoretry_for=(redis.RedisError,),
+        retry_backoff=True,
+        max_retries=8,
+    )
+
+    @batch  # type: ignore[untyped-decorator]
+    def batch_task(job_id: str, start: int, end: int) -> None:
+        run_chunk(client, model, job_id, start, end)

@@ -73,11 +73,13 @@ class Server:
         self.store.mkdir()
         build_noop_mar(self.store / "noop.mar")
         self.port = free_port()
+        self.inference_port = free_port()
+        self.metrics_port = free_port()
         self.config = self.root / "config.properties"
         self.config.write_text(
-            f"inference_address=http://127.0.0.1:{free_port()}\n"
+            f"inference_address=http://127.0.0.1:{self.inference_port}\n"
             f"management_address=http://127.0.0.1:{self.port}\n"
-            f"metrics_address=http://127.0.0.1:{free_port()}\n"
+            f"metrics_address=http://127.0.0.1:{self.metrics_port}\n"
         )
         self.seen: list[psutil.Process] = []
 
@@ -171,7 +173,7 @@ def test_start_serve_stop_and_restart_keeps_the_registry(servers: Callable[[], S
     assert server.key() != key
 
 
-def test_management_port_listens_on_loopback_only(servers: Callable[[], Server]) -> None:
+def test_ports_listen_on_loopback_only(servers: Callable[[], Server]) -> None:
     server = servers()
     server.start()
     listening = {
@@ -180,7 +182,9 @@ def test_management_port_listens_on_loopback_only(servers: Callable[[], Server])
         for conn in proc.net_connections(kind="inet")
         if conn.status == psutil.CONN_LISTEN
     }
-    assert listening == {("127.0.0.1", server.port)}  # Redis listens on its unix socket only
+    # The three API ports, on loopback; Redis listens on its unix socket only.
+    ports = {server.port, server.inference_port, server.metrics_port}
+    assert listening == {("127.0.0.1", port) for port in ports}
 
 
 def test_models_flag_registers_at_startup(servers: Callable[[], Server]) -> None:

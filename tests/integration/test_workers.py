@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from control import keys, observed
 from control.client import ManagementClient
 from control.settings import Settings
 from tests.support.archives import build_mar
-from tests.support.processes import management_process, wait_for
+from tests.support.processes import management_process, supervisor_process, wait_for
 from workers.celery_app import make_celery
 from workers.tasks import PREDICT_TASK
 
@@ -46,6 +45,9 @@ def handle(data, context):
 """
 
 
+supervisor = supervisor_process
+
+
 @pytest.fixture
 def stack(redis_url: str, store: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     build_mar(store / "noop.mar", "noop")
@@ -61,45 +63,6 @@ def stack(redis_url: str, store: Path, tmp_path: Path) -> Iterator[dict[str, Any
     )
     with management_process(settings, tmp_path / "api") as base:
         yield {"settings": settings, "api": ManagementClient(base), "tmp": tmp_path}
-
-
-@contextmanager
-def supervisor(settings: Settings, home: Path, host: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``mqserve supervisor`` for ``host``, stopped (and its workers drained) on exit."""
-    home.mkdir(parents=True, exist_ok=True)
-    log = (home / f"supervisor-{host}.log").open("wb")
-    env = {**os.environ, "MQSERVE_HOME": str(home), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "control.cli",
-            "supervisor",
-            "--redis-url",
-            str(settings.redis_url),
-            "--model-store",
-            str(settings.model_store),
-            "--host-name",
-            host,
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    client = redis.Redis.from_url(str(settings.redis_url))
-    try:
-        wait_for(
-            lambda: client.exists(keys.host(host)) or proc.poll() is not None,
-            60,
-            f"supervisor {host}",
-        )
-        assert proc.poll() is None, (home / f"supervisor-{host}.log").read_text()
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-        log.close()
 
 
 def worker_pids(client: redis.Redis, model: str, version: str = "1.0") -> list[int]:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import redis
 
+from control import keys
 from control.settings import Settings
 
 
@@ -79,20 +81,24 @@ def redis_server(workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def management_process(settings: Settings, workdir: Path) -> Iterator[str]:
-    """The management app under gunicorn, exactly as the launcher runs it; yields its URL."""
+def api_process(settings: Settings, workdir: Path, app: str = "management") -> Iterator[str]:
+    """One API app under gunicorn, exactly as the launcher runs it; yields its URL.
+
+    ``app`` is ``management``, ``inference`` or ``metrics``.
+    """
     port = free_port()
-    settings = settings.replace(management_address=f"http://127.0.0.1:{port}")
+    settings = settings.replace(**{f"{app}_address": f"http://127.0.0.1:{port}"})
     workdir.mkdir(parents=True, exist_ok=True)
     settings_file = workdir / f"settings-{port}.json"
     settings_file.write_text(settings.to_json())
-    log = (workdir / f"gunicorn-{port}.log").open("wb")
+    log_path = workdir / f"gunicorn-{app}-{port}.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "gunicorn",
-            "control.server:management_app()",
+            f"control.server:{app}_app()",
             "--bind",
             f"127.0.0.1:{port}",
             "-k",
@@ -100,7 +106,7 @@ def management_process(settings: Settings, workdir: Path) -> Iterator[str]:
             "--workers",
             "1",
             "--threads",
-            "8",
+            "16",
             "--no-control-socket",
         ],
         env={**os.environ, "MQSERVE_SETTINGS": str(settings_file)},
@@ -109,9 +115,55 @@ def management_process(settings: Settings, workdir: Path) -> Iterator[str]:
     )
     try:
         wait_for(lambda: port_open(port) or proc.poll() is not None, 30, "gunicorn")
-        assert proc.poll() is None, (workdir / f"gunicorn-{port}.log").read_text()
+        assert proc.poll() is None, log_path.read_text()
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(15)
+        log.close()
+
+
+def management_process(settings: Settings, workdir: Path) -> AbstractContextManager[str]:
+    """The management app under gunicorn; yields its URL."""
+    return api_process(settings, workdir, "management")
+
+
+@contextmanager
+def supervisor_process(
+    settings: Settings, home: Path, host: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``mqserve supervisor`` for ``host``, stopped (and its workers drained) on exit."""
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / f"supervisor-{host}.log").open("wb")
+    env = {**os.environ, "MQSERVE_HOME": str(home), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "control.cli",
+            "supervisor",
+            "--redis-url",
+            str(settings.redis_url),
+            "--model-store",
+            str(settings.model_store),
+            "--host-name",
+            host,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis.from_url(str(settings.redis_url))
+    try:
+        wait_for(
+            lambda: client.exists(keys.host(host)) or proc.poll() is not None,
+            60,
+            f"supervisor {host}",
+        )
+        assert proc.poll() is None, (home / f"supervisor-{host}.log").read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
         log.close()

@@ -1,0 +1,220 @@
+"""The inference API (port 8080): TorchServe's routes, request decoding and answers.
+
+Routing mirrors TorchServe's ``InferenceRequestHandler`` (segment rules, KServe paths,
+``url_path`` from extra segments). A request becomes one frame on its model version's
+queue (:mod:`control.dispatch`); the worker's reply carries the handler's status,
+headers, content type and raw body, which are sent back as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import parse_qs
+
+import falcon
+
+from control.dispatch import Dispatcher, NoWorker, QueueFull
+from control.envelope import Part, Reply
+from control.errors import (
+    BadRequestException,
+    InternalServerException,
+    ResourceNotFoundException,
+    ServiceUnavailableException,
+)
+from control.http import new_app, segments, send_json
+from control.openapi import load_description
+from control.settings import Settings
+
+NO_WORKER = (
+    "has no worker to serve inference request. Please use scale workers API to add "
+    "workers. If this is a sequence inference, please check if it is closed, or expired; "
+    "or exceeds maxSequenceJobQueueSize"
+)
+
+
+def no_worker_message(model: str, version: str | None) -> str:
+    """TorchServe's 503 text, stray quote of the versioned form included."""
+    if version is None:
+        return f'Model "{model}" {NO_WORKER}'
+    return f'Model "{model}" Version {version}" {NO_WORKER}'
+
+
+class Recorder(Protocol):
+    """Where per-model inference metrics go (``control.metrics.MetricsRecorder``)."""
+
+    def inference(
+        self, model: str, version_label: str, latency_us: float, queue_us: float
+    ) -> None: ...
+
+
+class InferenceRoutes:
+    """A Falcon sink answering TorchServe's inference paths."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        health: Callable[[], bool],
+        recorder: Recorder | None = None,
+    ) -> None:
+        self._settings = settings
+        self._dispatch = dispatcher
+        self._health = health
+        self._recorder = recorder
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        segs = segments(req.path)
+        head = segs[1] if len(segs) > 1 else ""
+        if len(segs) <= 1 or head == "api-description":
+            self._describe_api(req, resp, segs)
+        elif head == "ping":
+            healthy = self._health()
+            send_json(
+                resp, {"status": "Healthy" if healthy else "Unhealthy"}, 200 if healthy else 500
+            )
+        elif head in ("predictions", "explanations"):
+            self._predictions(req, resp, segs, explain=head == "explanations")
+        elif head == "invocations" or (len(segs) == 4 and head == "models"):
+            self._invocations(req, resp, segs)
+        elif len(segs) in (3, 4) and segs[-1] == "predict":
+            self._predict(req, resp, segs[1], segs[2] if len(segs) == 4 else None, query=True)
+        elif (
+            len(segs) == 4
+            and head == "v1"
+            and segs[2] == "models"
+            and (":predict" in segs[3] or ":explain" in segs[3])
+        ):
+            self._predict(req, resp, segs[3].split(":")[0], None, explain=":explain" in segs[3])
+        elif (
+            len(segs) == 5
+            and head == "v2"
+            and segs[2] == "models"
+            and (segs[4] in ("infer", "explain"))
+        ):
+            self._predict(req, resp, segs[3], None, explain=segs[4] == "explain")
+        else:
+            raise ResourceNotFoundException()
+
+    def _describe_api(self, req: falcon.Request, resp: falcon.Response, segs: list[str]) -> None:
+        if req.method == "OPTIONS" or (len(segs) > 1 and segs[1] == "api-description"):
+            send_json(resp, load_description("inference"))
+        else:
+            raise ResourceNotFoundException()
+
+    def _predictions(
+        self, req: falcon.Request, resp: falcon.Response, segs: list[str], explain: bool
+    ) -> None:
+        if len(segs) < 3:
+            raise ResourceNotFoundException()
+        model = segs[2]
+        version = segs[3] if len(segs) >= 4 else None
+        if req.method == "OPTIONS":
+            self._dispatch.lookup(model, version)
+            description = load_description("inference")
+            description["info"]["title"] = f"{description['info']['title']}: {model}"
+            send_json(resp, description)
+            return
+        self._predict(req, resp, model, version, explain=explain, url_path="/".join(segs[4:]))
+
+    def _invocations(self, req: falcon.Request, resp: falcon.Response, segs: list[str]) -> None:
+        if segs[1] == "models":  # /models/{model}/invoke
+            if segs[3] != "invoke":
+                raise ResourceNotFoundException()
+            self._predict(req, resp, segs[2], None, query=True)
+            return
+        query = parse_qs(req.query_string, keep_blank_values=True)
+        name = (query.get("model_name") or [""])[0]
+        if not name:
+            raise BadRequestException("Parameter model_name is required.")
+        self._predict(req, resp, name, None, query=True)
+
+    def _predict(
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        model: str,
+        version: str | None,
+        explain: bool = False,
+        url_path: str = "",
+        query: bool = False,
+    ) -> None:
+        started = time.monotonic()
+        record = self._dispatch.lookup(model, version)
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        headers["explain"] = "True" if explain else "False"
+        headers["url_path"] = url_path
+        parts = read_parts(req, self._settings.max_request_size, query)
+        try:
+            outcome = self._dispatch.send(record, parts, headers, req.context.request_id)
+        except NoWorker:
+            raise ServiceUnavailableException(no_worker_message(model, version)) from None
+        except QueueFull:
+            self._queue_full(resp, model, version)
+            return
+        reply = outcome.reply
+        if reply.error is not None:
+            raise InternalServerException(reply.error, reply.status)
+        write_reply(resp, reply)
+        if self._recorder is not None:
+            elapsed_us = (time.monotonic() - started) * 1e6
+            self._recorder.inference(
+                model, version or "default", elapsed_us, outcome.queue_seconds * 1e6
+            )
+
+    def _queue_full(self, resp: falcon.Response, model: str, version: str | None) -> None:
+        if self._settings.queue_full_status == 429:
+            # Honest back-pressure for clients that asked for it: retry shortly.
+            resp.set_header("Retry-After", "1")
+            raise ServiceUnavailableException(
+                f'Model "{model}" is busy: its queue is full. Retry later.', 429
+            )
+        raise ServiceUnavailableException(no_worker_message(model, version))
+
+
+def read_parts(req: falcon.Request, limit: int, with_query: bool) -> tuple[Part, ...]:
+    """TorchServe's decoding: form fields as parameters, else the whole body as ``body``."""
+    content_type = req.content_type or ""
+    mime = content_type.split(";")[0].strip().lower()
+    parts: list[Part] = []
+    if with_query:  # only /invocations, /models/{m}/invoke and legacy /{m}/predict
+        for name, values in parse_qs(req.query_string, keep_blank_values=True).items():
+            parts.append(Part(name, "", values[-1].encode()))
+    if mime == "multipart/form-data":
+        for part in req.get_media():
+            parts.append(Part(part.name or "", part.content_type or "", part.stream.read()))
+    elif mime == "application/x-www-form-urlencoded":
+        for name, value in req.get_media().items():
+            last = value[-1] if isinstance(value, list) else value
+            parts.append(Part(name, "", str(last).encode()))
+    else:
+        body = req.bounded_stream.read(limit + 1)
+        if len(body) > limit:
+            raise falcon.HTTPContentTooLarge()
+        parts.append(Part("body", content_type, body))
+    return tuple(parts)
+
+
+def write_reply(resp: falcon.Response, reply: Reply) -> None:
+    """The handler's status, headers, content type (only if set) and raw body."""
+    resp.status = f"{reply.status} {reply.reason}" if reply.reason else reply.status
+    for name, value in reply.headers.items():
+        resp.set_header(name, value)
+    resp.content_type = reply.content_type
+    resp.data = reply.body
+
+
+def create_inference_app(
+    settings: Settings,
+    dispatcher: Dispatcher,
+    health: Callable[[], bool],
+    middleware: list[Any],
+    recorder: Recorder | None = None,
+) -> falcon.App[falcon.Request, falcon.Response]:
+    """The WSGI app of port 8080; ``middleware`` carries token auth and counters."""
+    app = new_app(middleware)
+    # TorchServe sets no Content-Type on predictions unless the handler does.
+    app.resp_options.default_media_type = None  # type: ignore[assignment]
+    app.add_sink(InferenceRoutes(settings, dispatcher, health, recorder), prefix="/")
+    return app

@@ -1,0 +1,198 @@
+"""Batch jobs end to end: real Redis, a real supervisor and real worker processes.
+
+Jobs go in through :class:`control.batch_client.BatchClient` (straight onto the model's
+Celery queue) or through the REST resources under gunicorn, which are restarted in the
+middle of a job to show that a job lives in Redis only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from control import keys, observed
+from control.batch_client import BatchClient
+from control.client import ManagementClient
+from control.dispatch import Dispatcher
+from control.envelope import Part
+from control.settings import Settings
+from tests.support.archives import build_mar
+from tests.support.processes import (
+    free_port,
+    management_process,
+    port_open,
+    supervisor_process,
+    wait_for,
+)
+
+SLOW = """
+import time
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    time.sleep(0.05)
+    return [row.get("body") for row in data]
+"""
+
+
+@pytest.fixture
+def stack(redis_url: str, store: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    build_mar(store / "noop.mar", "noop")
+    build_mar(store / "slow.mar", "slow", extra={"noop_handler.py": SLOW.encode()})
+    settings = Settings(
+        model_store=store,
+        enable_model_api=True,
+        disable_token_authorization=True,
+        redis_url=redis_url,
+        home=tmp_path / "home",
+        worker_spawn_timeout=60,
+    )
+    with (
+        management_process(settings, tmp_path / "api") as base,
+        supervisor_process(settings, tmp_path / "h1", "h1"),
+        BatchClient(settings) as client,
+    ):
+        yield {"settings": settings, "api": ManagementClient(base), "jobs": client}
+
+
+def register(api: ManagementClient, url: str, workers: int) -> None:
+    response = api.register_model_with_params(
+        {"url": url, "initial_workers": workers, "synchronous": "true"}
+    )
+    assert response.status == 200, response.body
+
+
+def test_ten_thousand_items_finish_in_order(stack: dict[str, Any]) -> None:
+    register(stack["api"], "noop.mar", 2)
+    job = stack["jobs"].submit("noop", [{"x": i} for i in range(10_000)])
+    status = job.wait(timeout=240)
+    assert (status.status, status.done, status.failed) == ("succeeded", 10_000, 0)
+    results = list(job.results())
+    assert results == [{"index": i, "status": 200, "result": {"x": i}} for i in range(10_000)]
+
+
+def test_cancel_stops_the_remaining_chunks(stack: dict[str, Any], real_redis: redis.Redis) -> None:
+    register(stack["api"], "slow.mar", 1)
+    job = stack["jobs"].submit("slow", list(range(200)))  # 13 chunks of up to 16
+    wait_for(lambda: job.progress()[0] >= 3, 60, "the first items")
+    cancelled = job.cancel()
+    assert cancelled.status == "cancelled"
+    queue = keys.queue("slow", "1.0")
+    # Every remaining chunk is taken off the queue and skipped.
+    wait_for(lambda: real_redis.llen(queue) == 0, 30, "the queue to drain")
+    wait_for(
+        lambda: (
+            [r.state.value for r in observed.workers_of(real_redis, "slow", "1.0")] == ["READY"]
+        ),
+        30,
+        "the worker to go idle",
+    )
+    final = job.status()
+    assert final.status == "cancelled"
+    # At most the batch that was running when the job was cancelled finished after it.
+    assert cancelled.done <= final.done <= cancelled.done + 1 < 200
+    results = list(job.results())
+    assert [r["status"] for r in results[final.done :]] == [None] * (200 - final.done)
+
+
+def test_online_requests_share_a_worker_busy_with_a_job(
+    stack: dict[str, Any], redis_url: str
+) -> None:
+    register(stack["api"], "slow.mar", 1)
+    job = stack["jobs"].submit("slow", list(range(1000)))  # about 50 s of work
+    wait_for(lambda: job.progress()[0] >= 5, 60, "the job to run")
+    dispatcher = Dispatcher(redis.Redis.from_url(redis_url))
+    record = dispatcher.lookup("slow", None)
+    for i in range(5):
+        started = time.monotonic()
+        outcome = dispatcher.send(record, (Part("body", "application/json", b'"online"'),), {})
+        # Waits for the batch in progress (50 ms), not for the job's other items.
+        assert time.monotonic() - started < 2.0
+        assert (outcome.reply.status, outcome.reply.body) == (200, b"online"), i
+    assert job.progress()[0] < 900
+    assert job.cancel().status == "cancelled"
+
+
+@contextmanager
+def jobs_api(settings: Settings, workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The inference app (with the jobs routes) under gunicorn, killable without a
+    goodbye; yields its ``host:port`` and process."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings_file = workdir / "settings.json"
+    settings = settings.replace(inference_address=f"http://127.0.0.1:{port}")
+    settings_file.write_text(settings.to_json())
+    log_path = workdir / f"gunicorn-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "control.server:inference_app()",
+             "--bind", f"127.0.0.1:{port}", "-k", "gthread", "--threads", "4",
+             "--no-control-socket"],
+            env={**os.environ, "MQSERVE_SETTINGS": str(settings_file)},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: port_open(port) or proc.poll() is not None, 30, "gunicorn")
+            assert proc.poll() is None, log_path.read_text()
+            yield f"127.0.0.1:{port}", proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(15)
+
+
+def call(
+    address: str, method: str, path: str, body: bytes = b"", content_type: str = ""
+) -> tuple[int, Any, dict[str, str]]:
+    host, port = address.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        headers = {"Content-Type": content_type} if content_type else {}
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_a_job_survives_an_api_restart(stack: dict[str, Any], tmp_path: Path) -> None:
+    api, settings = stack["api"], stack["settings"]
+    register(api, "noop.mar", 0)  # no workers yet: the job waits in the queue
+    lines = b"".join(b'{"x": %d}\n' % i for i in range(500))
+    with jobs_api(settings, tmp_path / "first") as (address, proc):
+        status, body, headers = call(address, "POST", "/jobs/noop", lines, "application/jsonl")
+        assert status == 202, body
+        job = body["jobId"]
+        assert headers["location"] == f"/jobs/{job}"
+        os.killpg(proc.pid, signal.SIGKILL)  # the API dies without a goodbye
+        proc.wait(15)
+    with jobs_api(settings, tmp_path / "second") as (address, _):
+        status, body, _ = call(address, "GET", f"/jobs/{job}")
+        assert (status, body["status"], body["total"]) == (200, "queued", 500)
+        assert api.scale("noop", {"min_worker": 1, "synchronous": "true"}).status == 200
+        wait_for(
+            lambda: call(address, "GET", f"/jobs/{job}")[1]["status"] == "succeeded",
+            120,
+            "the job to finish",
+        )
+        results: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None:
+            _, page, _ = call(address, "GET", f"/jobs/{job}/results?offset={offset}&limit=200")
+            results.extend(page["results"])
+            offset = page.get("nextOffset")
+        assert results == [{"index": i, "status": 200, "result": {"x": i}} for i in range(500)]
