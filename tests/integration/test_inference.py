@@ -206,6 +206,10 @@ def test_answers_and_paths(stack: dict[str, Any]) -> None:
         status, body = predict(base, {"k": "v"}, path)
         assert status == 200, (path, body)
     assert call(base, "POST", "/invocations")[0] == 400
+    # customized=true asks the handler itself, through the model's queue.
+    described = api.request("GET", "/models/probe", {"customized": "true"})
+    assert described.status == 200, described.body
+    assert described.json()[0]["customizedMetadata"]["batch"] == 1
     status, _, data = call(base, "OPTIONS", "/")
     assert status == 200 and json.loads(data)["openapi"].startswith("3.")
 

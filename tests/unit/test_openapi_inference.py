@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from control.openapi import load_description
 from control.registry import Registry
 from control.settings import Settings
 from control.spec import ModelSpec
+from tests.support.openapi import all_refs, error_types, operations, resolve
 
-METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 TEMPLATE_PARAMS = {"model_name", "model_version", "key", "job_id"}
 ERROR_REF = "#/components/schemas/ErrorResponse"
 UNROUTED_TYPES = {404: "ResourceNotFoundException", 405: "MethodNotAllowedException"}
@@ -76,48 +76,8 @@ def description() -> dict[str, Any]:
     return load_description("inference")
 
 
-def operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    for path, item in doc["paths"].items():
-        for method in METHODS:
-            if method in item:
-                yield path, method, item[method]
-
-
 def operation_ids() -> list[str]:
     return [f"{m.upper()} {p}" for p, m, _ in operations(load_description("inference"))]
-
-
-def resolve(doc: dict[str, Any], node: Any) -> Any:
-    """Follow a local ``$ref`` (JSON pointer into ``doc``) until a plain node."""
-    while isinstance(node, dict) and "$ref" in node:
-        ref = node["$ref"]
-        assert ref.startswith("#/"), f"non-local $ref {ref}"
-        node = doc
-        for token in ref[2:].split("/"):
-            token = token.replace("~1", "/").replace("~0", "~")
-            assert isinstance(node, dict) and token in node, f"unresolved $ref {ref}"
-            node = node[token]
-    return node
-
-
-def all_refs(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref" and isinstance(value, str):
-                yield value
-            else:
-                yield from all_refs(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from all_refs(value)
-
-
-def error_types(doc: dict[str, Any], response: dict[str, Any]) -> set[str]:
-    """The ``type`` values of a documented error response's examples."""
-    media = resolve(doc, response).get("content", {}).get("application/json", {})
-    return {
-        resolve(doc, example)["value"].get("type") for example in media.get("examples", {}).values()
-    } - {None}
 
 
 def error_messages(doc: dict[str, Any], response: dict[str, Any]) -> set[str]:
