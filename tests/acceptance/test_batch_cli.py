@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.processes import free_port
 
 MQSERVE = Path(sys.executable).with_name("mqserve")
 MANIFEST = {
@@ -34,12 +35,6 @@ def handle(data, context):
         return None
     return [{"echo": row.get("body")} for row in data]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Stack:

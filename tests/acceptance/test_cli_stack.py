@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.support.processes import free_port
+
 MQSERVE = Path(sys.executable).with_name("mqserve")
 MANIFEST = {
     "runtime": "python",
@@ -33,12 +34,6 @@ MANIFEST = {
 
 if shutil.which("redis-server") is None:  # CI installs it; never skip silently
     raise RuntimeError("redis-server is required: apt-get install -y redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def build_noop_mar(path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from control.settings import Settings
 from tests.support.processes import redis_server
 
 
@@ -33,3 +34,16 @@ def store(tmp_path: Path) -> Path:
     path = tmp_path / "store"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def stack_settings(redis_url: str, store: Path, tmp_path: Path) -> Settings:
+    """Settings of a test stack: this test's Redis and store, model API on, no tokens."""
+    return Settings(
+        model_store=store,
+        enable_model_api=True,
+        disable_token_authorization=True,
+        redis_url=redis_url,
+        home=tmp_path / "home",
+        worker_spawn_timeout=60,
+    )

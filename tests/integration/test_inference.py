@@ -73,18 +73,10 @@ def handle(data, context):
 
 
 @pytest.fixture
-def stack(redis_url: str, store: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def stack(stack_settings: Settings, store: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     build_mar(store / "probe.mar", "probe", extra={"noop_handler.py": PROBE.encode()})
     build_mar(store / "probe2.mar", "probe", "2.0", extra={"noop_handler.py": PROBE.encode()})
-    settings = Settings(
-        model_store=store,
-        enable_model_api=True,
-        disable_token_authorization=True,
-        redis_url=redis_url,
-        home=tmp_path / "home",
-        worker_spawn_timeout=60,
-        max_request_size=10_000,
-    )
+    settings = stack_settings.replace(max_request_size=10_000)
     with (
         api_process(settings, tmp_path / "api") as management,
         api_process(settings, tmp_path / "api", "inference") as inference,

@@ -50,17 +50,10 @@ def handle(data, context):
 
 
 @pytest.fixture
-def stack(redis_url: str, store: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def stack(stack_settings: Settings, store: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     build_mar(store / "noop.mar", "noop")
     build_mar(store / "slow.mar", "slow", extra={"noop_handler.py": SLOW.encode()})
-    settings = Settings(
-        model_store=store,
-        enable_model_api=True,
-        disable_token_authorization=True,
-        redis_url=redis_url,
-        home=tmp_path / "home",
-        worker_spawn_timeout=60,
-    )
+    settings = stack_settings
     with (
         management_process(settings, tmp_path / "api") as base,
         supervisor_process(settings, tmp_path / "h1", "h1"),

@@ -18,17 +18,10 @@ from tests.support.processes import management_process
 
 
 @pytest.fixture
-def api(redis_url: str, store: Path, tmp_path: Path) -> Iterator[str]:
+def api(stack_settings: Settings, store: Path, tmp_path: Path) -> Iterator[str]:
     build_mar(store / "noop.mar", "noop")
     build_mar(store / "other.mar", "other")
-    settings = Settings(
-        model_store=store,
-        enable_model_api=True,
-        disable_token_authorization=True,
-        redis_url=redis_url,
-        home=tmp_path / "home",
-        worker_spawn_timeout=10,
-    )
+    settings = stack_settings.replace(worker_spawn_timeout=10)
     with management_process(settings, tmp_path / "api") as base:
         yield base
 
