@@ -66,7 +66,7 @@ class Settings:
     #: ``fork`` (fast: workers fork the preloaded supervisor) or ``exec`` (a fresh
     #: interpreter per worker).
     worker_start_method: str = "fork"
-    #: gunicorn processes of the inference port (management and metrics run one), and
+    #: gunicorn processes of the inference and management ports (metrics runs one), and
     #: threads per process on every port.
     api_processes: int = 2
     api_threads: int = 16

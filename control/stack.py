@@ -153,7 +153,9 @@ def redis_child(home: Home) -> Child:
         binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
         "--dir", str(home.redis_dir), "--appendonly", "yes", "--appendfsync", "everysec",
         "--save", "", "--protected-mode", "yes", "--maxmemory-policy", "noeviction",
-        "--daemonize", "no",
+        # 100 timer ticks a second: blocking timeouts (the batching window) end within
+        # 10 ms of when they should, instead of 100 ms.
+        "--hz", "100", "--daemonize", "no",
     )  # fmt: skip
 
     def ready() -> bool:
@@ -171,9 +173,9 @@ def api_child(settings: Settings, home: Home, which: str) -> Child:
     host, port = settings.bind(which)
     ensure_free(host, port, f"{which}_address")
     graceful = settings.unregister_model_timeout + 10
-    # Only the inference port needs several processes for throughput; management and
-    # metrics are served well by one process's threads, which saves ~100 MiB per process.
-    processes = settings.api_processes if which == "inference" else 1
+    # Metrics are scraped rarely: one process's threads serve them and save ~45 MiB.
+    # Inference and management (describe is a hot read for some clients) use several.
+    processes = 1 if which == "metrics" else settings.api_processes
     argv = (
         sys.executable, "-m", "gunicorn", f"control.server:{which}_app()",
         "--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",

@@ -36,7 +36,7 @@ from workers.handling.loader import LoadError, enter_model_dir, load_handler
 from workers.handling.service import LoadedModel
 from workers.heartbeat import Reporter
 from workers.launch import model_dir
-from workers.serving import Batcher, ModelRunner, OnlineLoop
+from workers.serving import Batcher, ModelRunner, OnlineLoop, block_slack
 from workers.tasks import register_tasks
 
 log = logging.getLogger("mqserve.worker")
@@ -112,6 +112,7 @@ def _online_loop(
         inflight,
         spec.batch_size,
         spec.max_batch_delay,
+        slack=block_slack(client),
     )
     return OnlineLoop(client, runner, batcher, inflight)
 

@@ -31,10 +31,21 @@ log = logging.getLogger(__name__)
 REPLY_TTL_MS = 60_000
 #: How often an idle loop wakes to check whether it should stop.
 IDLE_WAKE = 0.25
-#: How late Redis may answer a blocking call's timeout (one timer tick at hz 10, plus
-#: margin); the end of a batching window is polled instead, in POLL_STEP steps.
+#: How late Redis may answer a blocking call's timeout at its default ``hz`` of 10 (one
+#: timer tick, plus margin); the end of a batching window is polled instead, in
+#: POLL_STEP steps. :func:`block_slack` derives it from the server's actual ``hz``.
 BLOCK_SLACK = 0.11
 POLL_STEP = 0.001
+
+
+def block_slack(client: redis.Redis) -> float:
+    """One timer tick of this Redis (``1 / hz``) plus 10 ms; the default when unreadable."""
+    try:
+        reply: dict[Any, Any] = dict(client.config_get("hz"))
+        hz = float(reply.get("hz") or reply.get(b"hz") or 10)
+    except (redis.RedisError, ValueError):
+        return BLOCK_SLACK  # CONFIG may be denied to this user (ACL)
+    return 1.0 / max(hz, 1.0) + 0.01
 
 
 class Batcher:
@@ -49,9 +60,11 @@ class Batcher:
         max_batch_delay_ms: int,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        slack: float = BLOCK_SLACK,
     ) -> None:
         self._r = client
         self._sleep = sleep
+        self._slack = slack
         self._queue = queue
         self._inflight = inflight
         self._size = max(batch_size, 1)
@@ -73,11 +86,11 @@ class Batcher:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 break
-            if remaining > BLOCK_SLACK:
+            if remaining > self._slack:
                 # Redis checks blocking timeouts only on its timer (every 100 ms at the
                 # default hz 10), so block only for the part of the window that a late
                 # wake-up cannot overrun; a push still wakes us at once.
-                frame = self._take(remaining - BLOCK_SLACK)
+                frame = self._take(remaining - self._slack)
                 if frame is not None:
                     batch.append(frame)
             else:

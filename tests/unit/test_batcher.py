@@ -63,3 +63,22 @@ def test_batch_size_one_never_waits(client: fakeredis.FakeRedis) -> None:
 
 def test_empty_queue_returns_nothing(client: fakeredis.FakeRedis) -> None:
     assert batcher(client, FakeTime(client, {}), 4, 50).next_batch(0.01) == []
+
+
+def test_block_slack_follows_the_server_timer() -> None:
+    import redis
+
+    from workers.serving import BLOCK_SLACK, block_slack
+
+    class Server:
+        def __init__(self, reply: dict[str, str] | None) -> None:
+            self._reply = reply
+
+        def config_get(self, pattern: str) -> dict[str, str]:
+            if self._reply is None:  # CONFIG denied to this user by an ACL
+                raise redis.ResponseError("NOPERM this user has no permissions")
+            return self._reply
+
+    assert block_slack(Server({"hz": "100"})) == pytest.approx(0.02)  # type: ignore[arg-type]
+    assert block_slack(Server({"hz": "10"})) == pytest.approx(0.11)  # type: ignore[arg-type]
+    assert block_slack(Server(None)) == BLOCK_SLACK  # type: ignore[arg-type]
