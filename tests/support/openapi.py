@@ -48,3 +48,26 @@ def error_types(doc: dict[str, Any], response: dict[str, Any]) -> set[str]:
     return {
         resolve(doc, example)["value"].get("type") for example in media.get("examples", {}).values()
     } - {None}
+
+
+ERROR_REF = "#/components/schemas/ErrorResponse"
+
+
+def without_error_response(doc: dict[str, Any]) -> list[str]:
+    """Token-checked operations that document no 4xx ``ErrorResponse`` (should be none)."""
+    missing = []
+    for path, method, op in operations(doc):
+        if op.get("security") == []:
+            continue  # open routes (OPTIONS /, /api-description, /ping) refuse nothing
+        refs = [
+            resolve(doc, response)
+            .get("content", {})
+            .get("application/json", {})
+            .get("schema", {})
+            .get("$ref")
+            for code, response in op["responses"].items()
+            if code.startswith("4")
+        ]
+        if ERROR_REF not in refs:
+            missing.append(f"{method.upper()} {path}")
+    return missing

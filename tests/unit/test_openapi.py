@@ -21,10 +21,9 @@ from control.openapi import load_description
 from control.service import ManagementService
 from control.settings import Settings
 from tests.support.archives import build_mar
-from tests.support.openapi import all_refs, error_types, operations, resolve
+from tests.support.openapi import all_refs, error_types, operations, resolve, without_error_response
 
 TEMPLATE_PARAMS = {"model_name", "model_version", "workflow_name"}
-ERROR_REF = "#/components/schemas/ErrorResponse"
 UNROUTED_TYPES = {404: "ResourceNotFoundException", 405: "MethodNotAllowedException"}
 #: Values for path parameters and required query parameters in requests.
 SAMPLES = {
@@ -78,20 +77,7 @@ def test_path_templates_use_only_known_parameters(description: dict[str, Any]) -
 
 
 def test_every_operation_documents_an_error_response(description: dict[str, Any]) -> None:
-    for path, method, op in operations(description):
-        if op.get("security") == []:
-            # OPTIONS / and /api-description: no token, no parameters, nothing to refuse.
-            continue
-        refs = [
-            resolve(description, response)
-            .get("content", {})
-            .get("application/json", {})
-            .get("schema", {})
-            .get("$ref")
-            for code, response in op["responses"].items()
-            if code.startswith("4")
-        ]
-        assert ERROR_REF in refs, f"{method.upper()} {path}"
+    assert without_error_response(description) == []
 
 
 def test_only_the_description_routes_skip_token_auth(description: dict[str, Any]) -> None:

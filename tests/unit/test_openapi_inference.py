@@ -27,10 +27,9 @@ from control.openapi import load_description
 from control.registry import Registry
 from control.settings import Settings
 from control.spec import ModelSpec
-from tests.support.openapi import all_refs, error_types, operations, resolve
+from tests.support.openapi import all_refs, error_types, operations, resolve, without_error_response
 
 TEMPLATE_PARAMS = {"model_name", "model_version", "key", "job_id"}
-ERROR_REF = "#/components/schemas/ErrorResponse"
 UNROUTED_TYPES = {404: "ResourceNotFoundException", 405: "MethodNotAllowedException"}
 HAS_JOBS = importlib.util.find_spec("control.jobs_api") is not None
 JOB_PATHS = ("/jobs/",)
@@ -131,19 +130,7 @@ def test_documents_every_route(description: dict[str, Any]) -> None:
 
 
 def test_every_operation_documents_an_error_response(description: dict[str, Any]) -> None:
-    for path, method, op in operations(description):
-        if op.get("security") == []:
-            continue
-        refs = [
-            resolve(description, response)
-            .get("content", {})
-            .get("application/json", {})
-            .get("schema", {})
-            .get("$ref")
-            for code, response in op["responses"].items()
-            if code.startswith("4")
-        ]
-        assert ERROR_REF in refs, f"{method.upper()} {path}"
+    assert without_error_response(description) == []
 
 
 def test_only_description_and_ping_skip_token_auth(description: dict[str, Any]) -> None:
