@@ -86,6 +86,17 @@ class Endpoint:
         return reply
 
 
+def expect_workers(management: Endpoint, name: str, count: int, change: str) -> None:
+    """Fail unless the description of ``name`` lists ``count`` workers after ``change``."""
+    described = management.call("GET", f"/models/{name}").json()
+    try:
+        workers = described[0]["workers"]
+    except (IndexError, KeyError, TypeError) as exc:
+        raise BenchError(f"unexpected description of {name}: {described!r}") from exc
+    if len(workers) != count:
+        raise BenchError(f"{name} lists {len(workers)} workers after {change}: {workers!r}")
+
+
 def read_key(key_file: Path, role: str = "management") -> str:
     """The ``role`` key from a TorchServe/mqserve ``key_file.json``.
 

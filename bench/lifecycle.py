@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.client import BenchError, Endpoint
+from bench.client import BenchError, Endpoint, expect_workers
 
 NOOP_MODEL = "bench-noop"
 SLOW_MODEL = "bench-slow"
@@ -160,16 +160,7 @@ class _Model:
         return seconds
 
     def expect_workers(self, count: int) -> None:
-        described = self.endpoint.call("GET", f"/models/{self.name}").json()
-        try:
-            workers = described[0]["workers"]
-        except (IndexError, KeyError, TypeError) as exc:
-            raise BenchError(f"unexpected description of {self.name}: {described!r}") from exc
-        if len(workers) != count:
-            raise BenchError(
-                f"{self.name} lists {len(workers)} workers after a synchronous change to "
-                f"{count}: {workers!r}"
-            )
+        expect_workers(self.endpoint, self.name, count, f"a synchronous change to {count}")
 
     def cleanup(self) -> None:
         """Best effort, for the failure path: never raises, never hides the first error."""

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import memory
-from bench.client import BenchError, Endpoint
+from bench.client import BenchError, Endpoint, expect_workers
 from bench.lifecycle import NOOP_HANDLER, write_archive
 from bench.load import LoadResult, Target, run_python, run_wrk, send_once, wrk_duration
 
@@ -239,16 +239,7 @@ def _register(management: Endpoint, case: ModelCase, workers: int, batch: int, d
         "synchronous": "true",
     }
     management.call("POST", "/models", params)
-    described = management.call("GET", f"/models/{case.name}").json()
-    try:
-        listed = described[0]["workers"]
-    except (IndexError, KeyError, TypeError) as exc:
-        raise BenchError(f"unexpected description of {case.name}: {described!r}") from exc
-    if len(listed) != workers:
-        raise BenchError(
-            f"{case.name} lists {len(listed)} workers after a synchronous register with "
-            f"{workers}: {listed!r}"
-        )
+    expect_workers(management, case.name, workers, f"a synchronous register with {workers}")
 
 
 def _warm_up(target: Target, case: ModelCase) -> None:
