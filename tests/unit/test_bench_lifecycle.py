@@ -12,8 +12,6 @@ import json
 import threading
 import zipfile
 from collections.abc import Iterator
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -23,6 +21,7 @@ import pytest
 from bench.cli import main
 from bench.client import BenchError, Endpoint
 from bench.lifecycle import NOOP_MODEL, format_table, measure_lifecycle, write_archive
+from tests.support.json_server import json_server
 
 TOKEN = "s3cret"
 ROW_LABELS = ("sync register, 1 worker", "sync scale 1->4", "sync scale 4->1", "unregister")
@@ -103,32 +102,10 @@ def store(tmp_path: Path) -> Path:
 def fake(store: Path) -> Iterator[tuple[FakeManagement, str]]:
     state = FakeManagement(store)
 
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self) -> None:
-            status, body = state.answer(self.command, self.path, self.headers.get("Authorization"))
-            data = json.dumps(body, indent=2).encode() + b"\n"
-            self.send_response(status, HTTPStatus(status).phrase)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    )
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with json_server(
+        lambda method, path, auth, body: state.answer(method, path, auth), indent=2
+    ) as url:
+        yield state, url
 
 
 def bench(url: str, store: Path, *extra: str) -> int:

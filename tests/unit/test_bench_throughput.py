@@ -13,8 +13,6 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -45,6 +43,7 @@ from bench.throughput import (
     format_report,
     prepare_iris,
 )
+from tests.support.json_server import json_server
 
 MANAGEMENT_KEY = "m-key"
 INFERENCE_KEY = "i-key"
@@ -434,38 +433,8 @@ def store(tmp_path: Path) -> Path:
 def fake(store: Path) -> Iterator[tuple[FakeServer, str]]:
     state = FakeServer(store)
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, like TorchServe
-        disable_nagle_algorithm = True
-
-        def _serve(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            status, answer = state.answer(
-                self.command, self.path, self.headers.get("Authorization"), body
-            )
-            data = json.dumps(answer).encode()
-            self.send_response(status, HTTPStatus(status).phrase)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    )
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with json_server(state.answer, keep_alive=True) as url:  # keep-alive, like TorchServe
+        yield state, url
 
 
 @pytest.fixture
