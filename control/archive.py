@@ -183,7 +183,9 @@ class ModelStore:
         """Unpack store entry ``archive`` into the empty directory ``dest``.
 
         Returns the model directory: the one holding ``MAR-INF``, or ``dest`` itself.
-        On failure everything written under ``dest`` is removed again.
+        On failure everything written under ``dest`` is removed again. What it writes
+        is the owner's alone (directories 0700, files without group or other bits;
+        ``control.unpack``); ``dest`` itself is the caller's to make private.
         """
         path = self._entry(archive)
         if path is None or not os.path.lexists(path):

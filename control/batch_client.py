@@ -29,7 +29,7 @@ from control.errors import ModelServerError
 from control.home import Home
 from control.jobs import JobStatus, JobStore
 from control.jobs_api import json_lines
-from control.server import redis_client
+from control.redis_io import redis_client
 from control.settings import Settings
 
 #: Results fetched per round trip by :meth:`JobHandle.results`.

@@ -1,9 +1,25 @@
 """The API side of the request path: put a request on its model's queue, await the reply.
 
-One request costs two Redis round trips here: a Lua script that checks for a worker
-and the queue bound and pushes the frame (one atomic step), and a blocking pop of the
-reply list (no polling: the reply wakes the waiting thread). Workers take frames
-with BLMOVE, answer with LPUSH, and the supervisor answers for workers that die.
+One request costs two Redis round trips here: a Lua script that checks the registry
+revision, that a worker can take it and the queue bound, and pushes the frame (one
+atomic step), and a blocking pop of the reply list (no polling: the reply wakes the
+waiting thread). Workers take frames with BLMOVE, answer with LPUSH, and the
+supervisor answers for workers that die.
+
+How long the API waits. As TorchServe: a request waits in the queue for as long as a
+worker that can take it exists, then its worker has ``response_timeout`` seconds for
+the batch, after which the supervisor kills the worker and answers "Worker died.".
+The API therefore sets no timeout of its own: it blocks in chunks of
+:data:`control.redis_io.BLOCK_CHUNK` seconds and between chunks asks Redis, in one
+script, whether the request is still alive (answered, queued while a worker can take
+it, or held by a live worker). A request left queued when no worker can take it any
+more is taken off the queue and answered 503 at once; a request nobody holds any more
+(its host vanished) is answered "Worker died." at once.
+
+Read your writes. Specs are cached per process with the registry revision they were
+read at (``keys.REVISION``); the push refuses a stale revision, and the request is
+routed again from a fresh read. Once a set-default, scale or unregister call has
+returned, every later request is routed by the new state.
 """
 
 from __future__ import annotations
@@ -17,16 +33,24 @@ import redis
 
 from control import keys
 from control.envelope import Part, Reply, Request
-from control.errors import InternalServerException, ServiceUnavailableException
+from control.errors import InternalServerException, ModelServerError, ServiceUnavailableException
+from control.observed import SERVING
+from control.redis_io import block_for
 from control.registry import Registry, VersionRecord
 
-# KEYS: requests list, workers index   ARGV: frame, capacity, worker key prefix
+_SERVING_STATES = sorted(state.value for state in SERVING)
+
+# KEYS: online queue, workers index, registry revision
+# ARGV: frame, capacity, worker key prefix, revision ('' = do not check), serving states...
 _PUSH = """
+if ARGV[4] ~= '' and (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return -3 end
+local serving = {}
+for i = 5, #ARGV do serving[ARGV[i]] = true end
 local alive = false
 for _, wid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local state = redis.call('HGET', ARGV[3] .. wid, 'state')
   if state then
-    if state ~= 'DRAINING' then alive = true break end
+    if serving[state] then alive = true break end
   else
     redis.call('SREM', KEYS[2], wid)
   end
@@ -36,27 +60,51 @@ if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -2 end
 return redis.call('LPUSH', KEYS[1], ARGV[1])
 """
 
-#: Seconds the API waits beyond ``response_timeout`` for the supervisor to answer for a
-#: worker that died, before answering "Worker died." itself.
-REPLY_GRACE = 5.0
-#: How long a spec stays cached per process; a changed registration is seen this late.
-SPEC_TTL = 1.0
+# KEYS: reply list, online queue, workers index
+# ARGV: frame, worker key prefix, in-flight key prefix, serving states...
+# 1: alive (answered, held by a live worker, or queued while a worker can take it);
+# -1: queued with no worker left that can take it (taken off the queue); 0: lost.
+_ALIVE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+local serving = {}
+for i = 4, #ARGV do serving[ARGV[i]] = true end
+local can_serve = false
+for _, wid in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local state = redis.call('HGET', ARGV[2] .. wid, 'state')
+  if state then
+    if serving[state] then can_serve = true end
+    if redis.call('LPOS', ARGV[3] .. wid, ARGV[1]) then return 1 end
+  end
+end
+if redis.call('LPOS', KEYS[2], ARGV[1]) then
+  if can_serve then return 1 end
+  redis.call('LREM', KEYS[2], 1, ARGV[1])
+  return -1
+end
+return 0
+"""
+
+_NO_WORKER, _QUEUE_FULL, _STALE = -1, -2, -3
+#: Attempts at pushing: the cached spec, a fresh read, then a fresh read unchecked (a
+#: registry that changes on every request must not starve it).
+_ATTEMPTS = 3
 
 
 class NoWorker(ServiceUnavailableException):
-    """The model version has no worker at all (none registered, none starting)."""
+    """The model version has no worker that can take requests."""
 
 
 class QueueFull(ServiceUnavailableException):
-    """The model's queue is at ``job_queue_size``."""
+    """The model's online queue is at ``job_queue_size``."""
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """A reply and how long the request queued (for metrics)."""
+    """A reply, the version that answered and how long the request queued (metrics)."""
 
     reply: Reply
     queue_seconds: float
+    version: str = ""
 
 
 class Dispatcher:
@@ -69,53 +117,100 @@ class Dispatcher:
         self._r = client
         self._clock = clock
         self._push = client.register_script(_PUSH)
+        self._alive = client.register_script(_ALIVE)
         self._registry = Registry(client)
-        self._specs: dict[tuple[str, str | None], tuple[float, VersionRecord]] = {}
+        self._specs: dict[tuple[str, str | None], tuple[int, VersionRecord]] = {}
 
-    def lookup(self, model: str, version: str | None) -> VersionRecord:
-        """The registered version (default if None); TorchServe's 404s when unknown."""
-        now = time.monotonic()
-        cached = self._specs.get((model, version))
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        record = self._registry.get(model, version)
-        self._specs[(model, version)] = (now + SPEC_TTL, record)
-        return record
+    def lookup(self, model: str, version: str | None, fresh: bool = False) -> VersionRecord:
+        """The registered version (default if None); TorchServe's 404s when unknown.
+
+        Served from this process's cache unless ``fresh``; :meth:`send` validates what
+        it routes by against the registry revision, so a stale entry is never used.
+        """
+        return self._route(model, version, fresh)[1]
+
+    def _route(self, model: str, version: str | None, fresh: bool) -> tuple[int, VersionRecord]:
+        cached = None if fresh else self._specs.get((model, version))
+        if cached is not None:
+            return cached
+        # The revision first: the record read after it is at least that new.
+        revision = self._registry.revision()
+        try:
+            record = self._registry.get(model, version)
+        except ModelServerError:  # gone: forget it, so that no caller sees it again
+            self._specs.pop((model, version), None)
+            raise
+        self._specs[(model, version)] = (revision, record)
+        return revision, record
 
     def send(
         self,
-        record: VersionRecord,
+        model: str,
+        version: str | None,
         parts: tuple[Part, ...],
         headers: dict[str, str],
         request_id: str | None = None,
         kind: str = "predict",
     ) -> Outcome:
-        """Queue one request and wait for its reply.
+        """Queue one request for ``model`` (``version``, or the default) and wait for its reply.
 
-        Raises ServiceUnavailableException (no worker), :class:`QueueFull`, or
-        InternalServerException("Worker died.") when no reply comes in time.
+        Raises the registry's 404s, :class:`NoWorker`, :class:`QueueFull`, or
+        InternalServerException("Worker died.") when the request was lost.
         """
-        spec = record.spec
         rid = request_id or uuid.uuid4().hex
-        now = self._clock()
-        request = Request(
-            id=rid, model=spec.model_name, version=spec.version,
-            deadline=now + spec.response_timeout, enqueued=now, headers=headers,
-            parts=parts, kind=kind,
-        )  # fmt: skip
-        pushed = int(self._push(
-            keys=[keys.requests(spec.model_name, spec.version),
-                  keys.workers(spec.model_name, spec.version)],
-            args=[request.frame(), spec.job_queue_size, keys.worker("")],
-        ))  # fmt: skip
-        if pushed == -1:
+        for attempt in range(_ATTEMPTS):
+            revision, record = self._route(model, version, fresh=attempt > 0)
+            spec = record.spec
+            now = self._clock()
+            # clientTimeoutInMills: a request older than that when a worker takes it is
+            # not run (0: no limit, TorchServe's default).
+            limit = spec.client_timeout_ms / 1000.0
+            request = Request(
+                id=rid, model=spec.model_name, version=spec.version,
+                deadline=now + limit if limit > 0 else 0.0, enqueued=now, headers=headers,
+                parts=parts, kind=kind,
+            )  # fmt: skip
+            frame = request.frame()
+            checked = "" if attempt == _ATTEMPTS - 1 else str(revision)
+            pushed = int(self._push(
+                keys=[keys.online_queue(spec.model_name, spec.version),
+                      keys.workers(spec.model_name, spec.version), keys.REVISION],
+                args=[frame, spec.job_queue_size, keys.worker(""), checked, *_SERVING_STATES],
+            ))  # fmt: skip
+            if pushed != _STALE:
+                break
+        if pushed == _NO_WORKER:
             raise NoWorker("no worker")
-        if pushed == -2:
+        if pushed == _QUEUE_FULL:
             raise QueueFull("queue full")
-        popped = self._r.blpop([keys.reply(rid)], timeout=spec.response_timeout + REPLY_GRACE)
-        if popped is None:
-            raise InternalServerException("Worker died.")
-        frame = popped[1]
-        reply = Reply.parse(frame if isinstance(frame, bytes) else frame.encode())
+        reply = self._await(request, frame)
         queued = max(reply.dequeued - now, 0.0) if reply.dequeued else 0.0
-        return Outcome(reply, queued)
+        return Outcome(reply, queued, spec.version)
+
+    def _await(self, request: Request, frame: bytes) -> Reply:
+        """Block for the reply for as long as the request is alive (see the module doc)."""
+        key = keys.reply(request.id)
+        verdict = 1
+
+        def still_alive() -> bool:
+            nonlocal verdict
+            verdict = int(self._alive(
+                keys=[key, keys.online_queue(request.model, request.version),
+                      keys.workers(request.model, request.version)],
+                args=[frame, keys.worker(""), keys.inflight(""), *_SERVING_STATES],
+            ))  # fmt: skip
+            return verdict == 1
+
+        def pop(seconds: float) -> bytes | None:
+            popped = self._r.blpop([key], timeout=seconds)
+            if popped is None:
+                return None
+            frame = popped[1]
+            return frame if isinstance(frame, bytes) else frame.encode()
+
+        answer = block_for(pop, float("inf"), still_alive)
+        if answer is None:
+            if verdict == _NO_WORKER:
+                raise NoWorker("no worker left")
+            raise InternalServerException("Worker died.")
+        return Reply.parse(answer)

@@ -5,6 +5,8 @@
     redis/           Redis data directory (append-only file: the registry survives restarts)
     run/             pid files, settings.json, ready, and the Redis unix socket redis.sock
     logs/            one log per process: mqserve.log, redis.log, management.log, ...
+    models/          archives unpacked for this stack's workers: <host>/<model>/<version>/
+                     (workers.launch.ModelFiles; mode 0700, removed with the last worker)
     key_file.json    the operator's API keys (deleted on stop, as TorchServe does)
 
 A pid file holds the pid and the process start time, so that a pid reused by an
@@ -66,6 +68,11 @@ class Home:
     @property
     def key_file(self) -> Path:
         return self.root / "key_file.json"
+
+    @property
+    def models_dir(self) -> Path:
+        """Where this stack's workers unpack archives (no other stack's workers look here)."""
+        return self.root / "models"
 
     def pid_of(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"

@@ -8,10 +8,11 @@ headers, content type and raw body, which are sent back as they are.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl
 
 import falcon
 
@@ -111,7 +112,7 @@ class InferenceRoutes:
         model = segs[2]
         version = segs[3] if len(segs) >= 4 else None
         if req.method == "OPTIONS":
-            self._dispatch.lookup(model, version)
+            self._dispatch.lookup(model, version, fresh=True)
             description = load_description("inference")
             description["info"]["title"] = f"{description['info']['title']}: {model}"
             send_json(resp, description)
@@ -141,13 +142,13 @@ class InferenceRoutes:
         query: bool = False,
     ) -> None:
         started = time.monotonic()
-        record = self._dispatch.lookup(model, version)
+        self._dispatch.lookup(model, version)  # TorchServe's 404s before reading the body
         headers = {k.lower(): v for k, v in req.headers.items()}
         headers["explain"] = "True" if explain else "False"
         headers["url_path"] = url_path
         parts = read_parts(req, self._settings.max_request_size, query)
         try:
-            outcome = self._dispatch.send(record, parts, headers, req.context.request_id)
+            outcome = self._dispatch.send(model, version, parts, headers, req.context.request_id)
         except NoWorker:
             raise ServiceUnavailableException(no_worker_message(model, version)) from None
         except QueueFull:
@@ -174,26 +175,79 @@ class InferenceRoutes:
 
 
 def read_parts(req: falcon.Request, limit: int, with_query: bool) -> tuple[Part, ...]:
-    """TorchServe's decoding: form fields as parameters, else the whole body as ``body``."""
+    """TorchServe's decoding: form fields as parameters, else the whole body as ``body``.
+
+    Values reach the handler as the exact bytes the client sent, whatever they are:
+
+    * query parameters (only when ``with_query``) and ``application/x-www-form-urlencoded``
+      fields are percent-decoded straight to bytes (``%FF`` is the byte 0xFF, never a
+      UTF-8 replacement character), without a content type;
+    * ``multipart/form-data`` parts are read raw. As in TorchServe (Netty), a part
+      without a filename is a plain field, passed without a content type, so the
+      handler gets bytes even when the part says ``text/plain``; a part with a filename
+      keeps its ``Content-Type`` (``text/plain`` when it has none: RFC 7578's default,
+      where Netty says ``application/octet-stream``).
+
+    Names are UTF-8: in the query and urlencoded forms invalid bytes become U+FFFD (as
+    Netty decodes them); a multipart ``Content-Disposition`` that is not UTF-8 is a 400.
+    A name repeated within the query or the form keeps its last value (the handler's
+    dict keeps the last of repeated multipart parts too). At most ``limit + 1`` bytes
+    of body are read, and a body longer than ``limit`` is a bare 413 before any parsing.
+    """
     content_type = req.content_type or ""
     mime = content_type.split(";")[0].strip().lower()
     parts: list[Part] = []
     if with_query:  # only /invocations, /models/{m}/invoke and legacy /{m}/predict
-        for name, values in parse_qs(req.query_string, keep_blank_values=True).items():
-            parts.append(Part(name, "", values[-1].encode()))
+        parts.extend(_form_fields(_wsgi_bytes(req.query_string)))
+    body = req.bounded_stream.read(limit + 1)
+    if len(body) > limit:
+        raise falcon.HTTPContentTooLarge()
     if mime == "multipart/form-data":
-        for part in req.get_media():
-            parts.append(Part(part.name or "", part.content_type or "", part.stream.read()))
+        parts.extend(_multipart_fields(req, body, content_type))
     elif mime == "application/x-www-form-urlencoded":
-        for name, value in req.get_media().items():
-            last = value[-1] if isinstance(value, list) else value
-            parts.append(Part(name, "", str(last).encode()))
+        parts.extend(_form_fields(body))
     else:
-        body = req.bounded_stream.read(limit + 1)
-        if len(body) > limit:
-            raise falcon.HTTPContentTooLarge()
         parts.append(Part("body", content_type, body))
     return tuple(parts)
+
+
+def _wsgi_bytes(text: str) -> bytes:
+    """The raw bytes behind a WSGI string (PEP 3333 carries them as latin-1 text)."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:  # not from a WSGI server (e.g. a test client's str)
+        return text.encode("utf-8")
+
+
+def _form_fields(raw: bytes) -> list[Part]:
+    """``a=1&b=%FF`` as one part per name (last value wins), values as raw bytes.
+
+    Latin-1 maps the 256 byte values one-to-one onto the first 256 code points, so
+    parsing the latin-1 text with a latin-1 percent-decoder and encoding the result
+    back yields exactly the bytes that were percent-encoded (``parse_qsl`` on bytes
+    cannot: it re-encodes its results as ASCII).
+    """
+    fields: dict[str, bytes] = {}
+    text = raw.decode("latin-1")
+    for name, value in parse_qsl(text, keep_blank_values=True, encoding="latin-1"):
+        fields[name.encode("latin-1").decode("utf-8", "replace")] = value.encode("latin-1")
+    return [Part(name, "", value) for name, value in fields.items()]
+
+
+def _multipart_fields(req: falcon.Request, body: bytes, content_type: str) -> list[Part]:
+    """The parts of a ``multipart/form-data`` body, raw, with TorchServe's content types."""
+    handler = req.options.media_handlers.get(falcon.MEDIA_MULTIPART)
+    if not isinstance(handler, falcon.media.MultipartFormHandler):
+        handler = falcon.media.MultipartFormHandler()
+    parts = []
+    for part in handler.deserialize(io.BytesIO(body), content_type, len(body)):
+        try:
+            name, filename = part.name or "", part.filename
+        except UnicodeDecodeError:  # a Content-Disposition that is not UTF-8
+            raise falcon.MediaMalformedError(falcon.MEDIA_MULTIPART) from None
+        kind = part.content_type if filename is not None else ""
+        parts.append(Part(name, kind, part.stream.read()))
+    return parts
 
 
 def write_reply(resp: falcon.Response, reply: Reply) -> None:

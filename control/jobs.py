@@ -194,7 +194,8 @@ class JobStore:
         )
         self._write(status, items, content_type, spec.batch_size)
         try:
-            self._enqueue(job_id, keys.queue(model, spec.version), len(items), spec.batch_size)
+            queue = keys.batch_queue(model, spec.version)
+            self._enqueue(job_id, queue, len(items), spec.batch_size)
         except Exception as exc:  # kombu and redis-py raise their own error types
             # A job missing some chunks would never finish: cancel it, report the outage.
             self._cancel(keys=[keys.job(job_id), keys.job_items(job_id)])

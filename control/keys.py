@@ -20,6 +20,12 @@ Desired state
                                         on every change of the desired worker counts);
                                         ``registered_at`` (epoch seconds).
 ``mqs:d:seq``                    STRING registration sequence counter.
+``mqs:d:rev``                    STRING registry revision: incremented by every write of desired
+                                        state (register, scale, set-default, unregister), in
+                                        the same script. API processes cache what they read
+                                        with the revision it was read at, and the request push
+                                        refuses a stale one (``control.dispatch``): a write
+                                        that has returned is seen by every later request.
 ``mqs:events``                   PUBSUB channel; ``{name}:{ver}`` is published after every
                                         change of desired state (a nudge, never the only signal).
 
@@ -32,7 +38,10 @@ Observed state
                                         (STARTING/LOADING/READY/BUSY/DRAINING/FAILED),
                                         ``started_at`` (epoch s), ``memory`` (RSS bytes),
                                         ``reason`` (failure text), ``heartbeat`` (epoch s),
-                                        ``since`` (epoch s when ``state`` began).
+                                        ``since`` (epoch s when ``state`` began);
+                                        ``gpu_usage`` (describe's ``gpuUsage`` text, written
+                                        only by the host's supervisor from its nvidia-smi
+                                        samples, only while the hash exists).
 ``mqs:o:workers:{name}:{ver}``   SET    worker ids of one model version (an index; members
                                         whose hash has expired are pruned by readers).
 ``mqs:o:host:{host}``            HASH   + TTL: a live supervisor (``pid``, ``gpus``, ``heartbeat``).
@@ -42,15 +51,21 @@ Observed state
 
 Queues
 ------
-``mqs:q:{name}:{ver}``           LIST   online inference requests (``control.envelope``
-                                        frames). The API LPUSHes, workers BLMOVE from the
-                                        right into their in-flight list (FIFO).
+Two queues per model version; the names say which (``online_queue``, ``batch_queue``):
+
+``mqs:q:{name}:{ver}``           LIST   the ONLINE queue: inference requests from HTTP
+                                        (``control.envelope`` frames). The API LPUSHes, workers
+                                        BLMOVE from the right into their in-flight list (FIFO).
+                                        Bounded by ``job_queue_size``; describe's
+                                        ``jobQueueStatus`` and ``mqserve_queue_depth`` count it.
 ``mqs:o:inflight:{wid}``         LIST   + TTL: requests worker ``wid`` took and has not
                                         answered; answered with "Worker died." if it dies.
 ``mqs:r:{request_id}``           LIST   + TTL: the reply frame of one request; the API
                                         BLPOPs it (no polling).
-``mqs.q.{name}.{ver}``           LIST   the model version's Celery queue (kombu's list of
-                                        task messages): queue-submitted batch jobs.
+``mqs.q.{name}.{ver}``           LIST   the BATCH queue: the model version's Celery queue
+                                        (kombu's list of task messages): batch-job chunks and
+                                        Celery-native ``mqserve.predict`` tasks. Counted by
+                                        ``mqserve_batch_queue_depth``, not by describe.
 
 Batch jobs
 ----------
@@ -65,6 +80,11 @@ Metrics
 ``mqs:m:{family}``               HASH   one metric family: series (labels as JSON) -> value;
                                         counters and histogram buckets summed over every
                                         process, gauges last-writer-wins (``control.metrics``).
+``mqs:metric-families``          HASH   the catalogue of model (handler) metric families:
+                                        family name -> JSON type, HELP and labels
+                                        (``control.metrics_schema.family_json``), written by
+                                        workers; families a metrics.yaml declares are
+                                        overwritten, auto-detected ones set if absent.
 
 Access control
 --------------
@@ -79,9 +99,11 @@ PREFIX = "mqs"
 
 MODELS = f"{PREFIX}:d:models"
 SEQ = f"{PREFIX}:d:seq"
+REVISION = f"{PREFIX}:d:rev"
 EVENTS = f"{PREFIX}:events"
 WORKER_SEQ = f"{PREFIX}:o:worker-seq"
 AUTH = f"{PREFIX}:auth"
+METRIC_FAMILIES = f"{PREFIX}:metric-families"
 
 #: First worker id handed out, as TorchServe's ``initial_worker_port``.
 FIRST_WORKER_ID = 9000
@@ -122,13 +144,15 @@ def slot(name: str, ver: str, index: int | str) -> str:
     return f"{PREFIX}:o:slot:{name}:{ver}:{index}"
 
 
-def queue(name: str, ver: str) -> str:
-    """The Celery queue (a Redis LIST) of one model version: batch jobs."""
+def batch_queue(name: str, ver: str) -> str:
+    """The Celery queue (a Redis LIST of kombu messages) of one model version: batch jobs
+    and Celery-native ``mqserve.predict`` calls. Not bounded by ``job_queue_size``."""
     return f"{PREFIX}.q.{name}.{ver}"
 
 
-def requests(name: str, ver: str) -> str:
-    """LIST of online inference request frames for one model version."""
+def online_queue(name: str, ver: str) -> str:
+    """LIST of online inference request frames (HTTP predictions, describe) for one model
+    version: what ``job_queue_size`` bounds and describe's ``jobQueueStatus`` counts."""
     return f"{PREFIX}:q:{name}:{ver}"
 
 

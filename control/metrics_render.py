@@ -6,6 +6,10 @@ family's declared order with a comma after every label (``{Level="Host",Hostname
 and values as Java doubles (``8.0``). A family TorchServe registers prints its HELP and
 TYPE lines even before it has a series (``Requests5XX`` on a server that never failed),
 and so does every family of :data:`control.metrics_schema.FAMILIES` here.
+
+After the built-in families come the model (handler) metric families of the catalogue
+``keys.METRIC_FAMILIES`` that workers fill (:class:`control.metrics.ModelMetrics`), in
+name order; histograms among them have simpleclient's default buckets.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import redis
 
 from control import keys, observed
 from control.metrics_schema import (
-    BATCH_BUCKETS,
+    BATCH_QUEUE_DEPTH,
     BY_NAME,
     FAMILIES,
     PART_SEPARATOR,
@@ -28,6 +32,7 @@ from control.metrics_schema import (
     Family,
     Kind,
     escape_label,
+    family_from_json,
     format_value,
     parse_field,
 )
@@ -43,11 +48,13 @@ def render(client: redis.Redis, names: set[str] | None = None) -> str:
     """The page for the families in ``names`` (every family when None).
 
     Names that are no family are ignored, so an empty or unknown filter gives an empty
-    page, as TorchServe's ``?name[]=`` does. Stored families are read in one pipeline;
+    page, as TorchServe's ``?name[]=`` does. The model family catalogue is read first,
+    then every stored family in one pipeline;
     queue depth and workers by state are read live from the registry, the queues and
     the worker records. Raises redis errors when Redis cannot be read.
     """
-    families = [f for f in FAMILIES if names is None or f.name in names]
+    every = (*FAMILIES, *model_families(client))
+    families = [f for f in every if names is None or f.name in names]
     stored = [f for f in families if f.stored]
     pipe = client.pipeline(transaction=False)
     for family in stored:
@@ -69,6 +76,18 @@ def render(client: redis.Redis, names: set[str] | None = None) -> str:
             )
             out.extend(_line(family.name, family, labels, value) for labels, value in series)
     return "".join(out)
+
+
+def model_families(client: redis.Redis) -> list[Family]:
+    """The catalogue's model metric families, by name; built-in names and entries that
+    do not decode are skipped (a built-in family is always rendered as built in)."""
+    found = []
+    for raw_name, raw in client.hgetall(keys.METRIC_FAMILIES).items():
+        name = _text(raw_name)
+        family = None if name in BY_NAME else family_from_json(name, _text(raw))
+        if family is not None:
+            found.append(family)
+    return sorted(found, key=lambda f: f.name)
 
 
 def _stored(family: Family, fields: dict[str, float]) -> list[Series]:
@@ -105,7 +124,7 @@ def _histogram_lines(family: Family, fields: dict[str, float]) -> Iterator[str]:
     for field, value in fields.items():
         series, _, part = field.rpartition(PART_SEPARATOR)
         per_series.setdefault(series, {})[part] = value
-    bounds = [*(format_value(b) for b in BATCH_BUCKETS), "+Inf"]
+    bounds = [*(format_value(b) for b in family.buckets), "+Inf"]
     decoded = [(parse_field(series), parts) for series, parts in per_series.items()]
     for labels, parts in sorted(decoded, key=lambda item: _order(family, item[0])):
         total = 0.0
@@ -122,15 +141,16 @@ def _live_series(client: redis.Redis, wanted: set[str]) -> dict[str, list[Series
     if not wanted:
         return result
     versions = [(r.spec.model_name, r.spec.version) for r in Registry(client).desired()]
-    if QUEUE_DEPTH in wanted and versions:
+    for family, queue in ((QUEUE_DEPTH, keys.online_queue), (BATCH_QUEUE_DEPTH, keys.batch_queue)):
+        if family not in wanted or not versions:
+            continue
         pipe = client.pipeline(transaction=False)
         for name, ver in versions:
-            pipe.llen(keys.requests(name, ver))
-            pipe.llen(keys.queue(name, ver))
+            pipe.llen(queue(name, ver))
         lengths: list[Any] = pipe.execute()
-        for i, (name, ver) in enumerate(versions):
-            depth = float(int(lengths[2 * i]) + int(lengths[2 * i + 1]))
-            result[QUEUE_DEPTH].append(({"model_name": name, "model_version": ver}, depth))
+        for (name, ver), length in zip(versions, lengths, strict=True):
+            labels = {"model_name": name, "model_version": ver}
+            result[family].append((labels, float(int(length))))
     if WORKERS in wanted:
         for name, ver in versions:
             states = Counter(r.state for r in observed.workers_of(client, name, ver))

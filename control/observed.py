@@ -35,8 +35,20 @@ class WorkerState(enum.StrEnum):
 
     @property
     def serving(self) -> bool:
-        """True when the worker has its model loaded and takes requests."""
-        return self in (WorkerState.READY, WorkerState.BUSY)
+        """THE rule for "this worker can take requests" (see :data:`SERVING`)."""
+        return self in SERVING
+
+
+#: The one definition of a worker that can take requests: its model is loaded and it is
+#: not draining (BUSY workers take the next request when the current one ends). Starting,
+#: loading, failed (in back-off or given up) and draining workers cannot. Dispatch (its
+#: Lua push receives these names), ``/ping``, KServe readiness, synchronous waits and
+#: describe's worker ``status`` all count workers by this rule and nothing else.
+SERVING: frozenset[WorkerState] = frozenset({WorkerState.READY, WorkerState.BUSY})
+
+
+#: The worker HASH field with the supervisor's GPU usage text (:attr:`WorkerRecord.gpu_usage`).
+GPU_USAGE_FIELD = "gpu_usage"
 
 
 @dataclass(frozen=True)
@@ -56,9 +68,13 @@ class WorkerRecord:
     heartbeat: float = 0.0
     #: When ``state`` began: a load, a request or a drain is timed from here.
     since: float = 0.0
+    #: Describe's ``gpuUsage`` text for the worker's GPU ("" = not sampled). Written by
+    #: the host's supervisor from its ``nvidia-smi`` samples (``GPU_USAGE_FIELD``), never
+    #: by :meth:`to_mapping`, so the worker's own heartbeats cannot overwrite it.
+    gpu_usage: str = ""
 
     def to_mapping(self) -> dict[FieldT, EncodableT]:
-        """The HASH fields written to Redis."""
+        """The HASH fields the worker and its supervisor write (all but ``gpu_usage``)."""
         return {
             "model": self.model,
             "version": self.version,
@@ -89,6 +105,7 @@ class WorkerRecord:
             reason=data.get("reason", ""),
             heartbeat=float(data.get("heartbeat", "0")),
             since=float(data.get("since", "0")),
+            gpu_usage=data.get(GPU_USAGE_FIELD, ""),
         )
 
 
@@ -144,6 +161,11 @@ def workers_of(client: redis.Redis, name: str, version: str) -> list[WorkerRecor
     if gone:
         client.srem(index, *gone)
     return sorted(records, key=lambda r: int(r.wid) if r.wid.isdigit() else 0)
+
+
+def serving_count(records: list[WorkerRecord]) -> int:
+    """How many of ``records`` can take requests (:data:`SERVING`)."""
+    return sum(1 for r in records if r.state.serving)
 
 
 def _text(value: bytes | str) -> str:

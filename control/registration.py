@@ -192,9 +192,24 @@ class _YamlConfig:
         return value if isinstance(value, str) and value in allowed else ""
 
     def device_type(self) -> str:
-        # GPUs are assigned by the supervisor; the registry records the request.
+        """What model-config asked for: ``"cpu"``, ``"gpu"``, or ``""`` (not said).
+
+        The registry records the request, not a decision: only each host's supervisor
+        knows its GPUs, and ``""`` means "a GPU where the host has any", as in
+        TorchServe. TorchServe's parsing: case-insensitive; any other string, or a value
+        that is not a string, counts as not said.
+        """
         value = self._data.get("deviceType")
-        return "gpu" if value == "gpu" else "cpu"
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            log.warning("model-config.yaml: deviceType must be cpu or gpu; ignored")
+            return ""
+        lowered = value.lower()
+        if lowered in ("cpu", "gpu"):
+            return lowered
+        log.warning("model-config.yaml: invalid deviceType %r; ignored", value)
+        return ""
 
     def device_ids(self) -> tuple[int, ...] | None:
         value = self._data.get("deviceIds")

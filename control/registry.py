@@ -24,7 +24,10 @@ from control.errors import (
 )
 from control.spec import ModelSpec
 
-# KEYS: models, model, versions, version, seq
+# Every write script takes the registry revision (``keys.REVISION``) as its last key and
+# increments it when it changes anything: API processes validate their caches by it.
+
+# KEYS: models, model, versions, version, seq, revision
 # ARGV: name, version, spec, min, max, now, channel, event
 _REGISTER = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
@@ -34,29 +37,32 @@ redis.call('HSET', KEYS[4], 'spec', ARGV[3], 'min_workers', ARGV[4], 'max_worker
 redis.call('ZADD', KEYS[3], seq, ARGV[2])
 redis.call('ZADD', KEYS[1], 0, ARGV[1])
 local made_default = redis.call('HSETNX', KEYS[2], 'default', ARGV[2])
+redis.call('INCR', KEYS[#KEYS])
 redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])
 return 1 + made_default
 """
 
-# KEYS: model, version   ARGV: min, max, channel, event
+# KEYS: model, version, revision   ARGV: min, max, channel, event
 _SCALE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
 redis.call('HSET', KEYS[2], 'min_workers', ARGV[1], 'max_workers', ARGV[2])
 local gen = redis.call('HINCRBY', KEYS[2], 'generation', 1)
+redis.call('INCR', KEYS[#KEYS])
 redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])
 return gen
 """
 
-# KEYS: model, versions, version   ARGV: version
+# KEYS: model, versions, version, revision   ARGV: version
 _SET_DEFAULT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[3]) == 0 then return -2 end
 redis.call('HSET', KEYS[1], 'default', ARGV[1])
+redis.call('INCR', KEYS[#KEYS])
 return 1
 """
 
-# KEYS: model, versions, version   ARGV: version, channel, event
+# KEYS: model, versions, version, revision   ARGV: version, channel, event
 # Stops the version's workers (desired 0) after the checks an unregister must pass.
 _PREPARE_UNREGISTER = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -66,11 +72,12 @@ if redis.call('HGET', KEYS[1], 'default') == ARGV[1] and redis.call('ZCARD', KEY
 end
 redis.call('HSET', KEYS[3], 'min_workers', 0, 'max_workers', 0)
 redis.call('HINCRBY', KEYS[3], 'generation', 1)
+redis.call('INCR', KEYS[#KEYS])
 redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])
 return 1
 """
 
-# KEYS: models, model, versions, version   ARGV: name, version, channel, event
+# KEYS: models, model, versions, version, revision   ARGV: name, version, channel, event
 _DELETE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[4]) == 0 then return -2 end
@@ -83,6 +90,7 @@ if redis.call('ZCARD', KEYS[3]) == 0 then
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
+redis.call('INCR', KEYS[#KEYS])
 redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])
 return 1
 """
@@ -132,6 +140,7 @@ class Registry:
                 keys.versions(name),
                 keys.version(name, ver),
                 keys.SEQ,
+                keys.REVISION,
             ],
             args=[
                 name,
@@ -155,7 +164,7 @@ class Registry:
         ver = version if version is not None else self.default_version(name)
         result = int(
             self._scale(
-                keys=[keys.model(name), keys.version(name, ver)],
+                keys=[keys.model(name), keys.version(name, ver), keys.REVISION],
                 args=[min_workers, max_workers, keys.EVENTS, keys.event(name, ver)],
             )
         )
@@ -166,7 +175,12 @@ class Registry:
         """Make ``version`` the default; 404s use set-default's wording (no colons)."""
         result = int(
             self._set_default(
-                keys=[keys.model(name), keys.versions(name), keys.version(name, version)],
+                keys=[
+                    keys.model(name),
+                    keys.versions(name),
+                    keys.version(name, version),
+                    keys.REVISION,
+                ],
                 args=[version],
             )
         )
@@ -183,7 +197,12 @@ class Registry:
         ver = record.spec.version
         result = int(
             self._prepare_unregister(
-                keys=[keys.model(name), keys.versions(name), keys.version(name, ver)],
+                keys=[
+                    keys.model(name),
+                    keys.versions(name),
+                    keys.version(name, ver),
+                    keys.REVISION,
+                ],
                 args=[ver, keys.EVENTS, keys.event(name, ver)],
             )
         )
@@ -199,6 +218,7 @@ class Registry:
                     keys.model(name),
                     keys.versions(name),
                     keys.version(name, version),
+                    keys.REVISION,
                 ],
                 args=[name, version, keys.EVENTS, keys.event(name, version)],
             )
@@ -206,6 +226,10 @@ class Registry:
         self._raise_missing(result, name, version)
 
     # -- reads -----------------------------------------------------------------------
+
+    def revision(self) -> int:
+        """The registry revision: it changes with every write of desired state."""
+        return int(self._r.get(keys.REVISION) or 0)
 
     def default_version(self, name: str) -> str:
         """The default version of ``name``; 404 when the model is unknown."""

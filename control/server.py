@@ -23,23 +23,12 @@ from control.jobs import JobStore
 from control.jobs_api import add_job_routes
 from control.management import create_management_app
 from control.metrics import CountResponses, MetricsRecorder, create_metrics_app
+from control.redis_io import redis_bytes_client, redis_client
 from control.service import ManagementService
 from control.settings import Settings
 from workers.celery_app import make_celery
 
 SETTINGS_ENV = "MQSERVE_SETTINGS"
-
-
-def redis_client(url: str) -> redis.Redis:
-    """A thread-safe client (connection pool) returning ``str`` values."""
-    return redis.Redis.from_url(
-        url, decode_responses=True, health_check_interval=25, socket_connect_timeout=5
-    )
-
-
-def redis_bytes_client(url: str) -> redis.Redis:
-    """A client returning ``bytes``: for request and reply frames, which carry raw data."""
-    return redis.Redis.from_url(url, health_check_interval=25, socket_connect_timeout=5)
 
 
 def model_store(settings: Settings) -> ModelStore:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import redis
 
-from control import keys
+from control import devices, keys
 from control.dispatch import Dispatcher
 from control.errors import (
     BadRequestException,
@@ -25,7 +25,7 @@ from control.errors import (
     RequestTimeoutException,
     ServiceUnavailableException,
 )
-from control.observed import WorkerRecord, WorkerState, workers_of
+from control.observed import WorkerRecord, WorkerState, serving_count, workers_of
 from control.params import Params
 from control.registration import RegisterRequest, build_spec, parse_register
 from control.registry import Registry, VersionRecord
@@ -147,8 +147,7 @@ class ManagementService:
         if not synchronous:
             return 202, "Processing worker updates..."
         record = self.registry.get(name, ver)
-        active = [w for w in workers_of(self._r, name, ver) if w.state is not WorkerState.DRAINING]
-        if len(active) > max_workers:
+        if serving_count(workers_of(self._r, name, ver)) > max_workers:
             if not self._waiter.until_at_most(
                 name, ver, max_workers, self.settings.unregister_model_timeout
             ):
@@ -223,7 +222,9 @@ class ManagementService:
         if self._dispatcher is None:
             raise no_worker
         try:
-            outcome = self._dispatcher.send(record, (), {"describe": "True"}, kind="describe")
+            outcome = self._dispatcher.send(
+                name, record.spec.version, (), {"describe": "True"}, kind="describe"
+            )
         except ServiceUnavailableException:  # no worker, or its queue is full
             raise no_worker from None
         except InternalServerException:
@@ -239,7 +240,8 @@ class ManagementService:
     def _describe_one(self, record: VersionRecord) -> dict[str, Any]:
         spec = record.spec
         workers = workers_of(self._r, spec.model_name, spec.version)
-        pending = int(self._r.llen(keys.queue(spec.model_name, spec.version)))
+        # The online queue, which job_queue_size bounds (batch jobs have their own queue).
+        pending = int(self._r.llen(keys.online_queue(spec.model_name, spec.version)))
         doc: dict[str, Any] = {
             "modelName": spec.model_name,
             "modelVersion": spec.version,
@@ -255,7 +257,7 @@ class ManagementService:
             "clientTimeoutInMills": spec.client_timeout_ms,
             "parallelType": spec.parallel_type,
             "parallelLevel": spec.parallel_level,
-            "deviceType": spec.device_type,
+            "deviceType": devices.device_type_of(self._r, spec.device_type),
         }
         if spec.device_ids is not None:
             doc["deviceIds"] = list(spec.device_ids)
@@ -284,14 +286,20 @@ class ManagementService:
         return doc
 
     def kserve_ready(self, name: str) -> dict[str, Any]:
-        """``GET /v1/models/{name}`` on the management port: ready iff workers exist."""
+        """``GET /v1/models/{name}`` on the management port: ready iff a worker of the
+        default version can take requests (the rule dispatch uses)."""
         record = self.registry.get(name)
-        alive = workers_of(self._r, name, record.spec.version)
-        return {"name": name, "ready": bool(alive)}
+        serving = serving_count(workers_of(self._r, name, record.spec.version))
+        return {"name": name, "ready": serving > 0}
 
 
 def describe_worker(record: WorkerRecord) -> dict[str, Any]:
-    """TorchServe's worker entry: ``status`` is READY only when serving, else UNLOADING."""
+    """TorchServe's worker entry: ``status`` is READY only when serving, else UNLOADING.
+
+    ``gpu`` is true when the worker holds a GPU; ``gpuUsage`` is ``N/A`` on CPU, else
+    the host's latest nvidia-smi sample in TorchServe's text, or TorchServe's ``failed
+    to obtained gpu usage`` when there is none (``control.devices``).
+    """
     started = datetime.fromtimestamp(record.started_at, UTC)
     doc: dict[str, Any] = {
         "id": record.wid,
@@ -300,7 +308,8 @@ def describe_worker(record: WorkerRecord) -> dict[str, Any]:
         "memoryUsage": record.memory,
         "pid": record.pid,
         "gpu": record.gpu >= 0,
-        "gpuUsage": "N/A" if record.gpu < 0 else f"gpuId::{record.gpu}",
+        # TorchServe's text for the worker's GPU, sampled by its host's supervisor.
+        "gpuUsage": "N/A" if record.gpu < 0 else record.gpu_usage or devices.USAGE_UNAVAILABLE,
     }
     if record.state is WorkerState.FAILED and record.reason:
         # Beyond TorchServe: why a worker is down, without reading logs. Clients that

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 from jproperties import Properties
 
+from control.metrics_schema import MetricsConfigError, load_metrics_config
+
 #: TorchServe's default ``max_request_size``/``max_response_size``.
 DEFAULT_MAX_REQUEST_SIZE = 6553500
 
@@ -70,6 +72,13 @@ class Settings:
     #: threads per process on every port.
     api_processes: int = 2
     api_threads: int = 16
+    #: ``metrics_config``: a TorchServe metrics.yaml whose ``model_metrics`` are the
+    #: handler metrics the page shows (None: the default one, TorchServe 0.12's). A
+    #: relative path in config.properties is taken from the working directory.
+    metrics_config: Path | None = None
+    #: ``model_metrics_auto_detect``: also show handler metrics the metrics.yaml does not
+    #: declare, registered on first sight (TorchServe's default: off).
+    model_metrics_auto_detect: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied."""
@@ -96,7 +105,7 @@ class Settings:
         for key, value in data.items():
             if key not in types:
                 raise SettingsError(f"unknown setting {key!r}")
-            if key in ("home", "model_store"):
+            if key in ("home", "model_store", "metrics_config"):
                 value = None if value is None else Path(value)
             elif isinstance(value, list):
                 value = tuple(value)
@@ -150,7 +159,7 @@ _STR_KEYS = {
     "metrics_address",
     "default_service_handler",
 }
-_BOOL_KEYS = {"enable_model_api", "disable_token_authorization"}
+_BOOL_KEYS = {"enable_model_api", "disable_token_authorization", "model_metrics_auto_detect"}
 _ENV_REF = re.compile(r"\$\$([A-Za-z_][A-Za-z0-9_]*)\$\$")
 
 
@@ -192,6 +201,8 @@ def apply_properties(settings: Settings, props: dict[str, str]) -> Settings:
                 changes[key] = float(value)
             except ValueError as exc:
                 raise SettingsError(f"{key} must be a number, got {value!r}") from exc
+        elif key == "metrics_config":
+            changes[key] = Path(value).expanduser().absolute()
         elif key == "model_store":
             changes[key] = Path(value).expanduser()
         elif key == "load_models" or key == "allowed_urls":
@@ -223,3 +234,8 @@ def validate(settings: Settings) -> None:
         raise SettingsError("queue_full_status must be 503 (TorchServe) or 429")
     if settings.worker_start_method not in ("fork", "exec"):
         raise SettingsError("worker_start_method must be fork or exec")
+    if settings.metrics_config is not None:
+        try:
+            load_metrics_config(settings.metrics_config)
+        except MetricsConfigError as exc:
+            raise SettingsError(f"metrics_config: {exc}") from exc

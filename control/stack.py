@@ -31,7 +31,8 @@ import redis
 from control import keys
 from control.auth import KeyStore
 from control.home import POLL_S, Home, signal_group, tail, write_pid, write_private
-from control.server import SETTINGS_ENV, redis_client
+from control.redis_io import redis_client
+from control.server import SETTINGS_ENV
 from control.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,10 @@ A :class:`Reader` lists an archive's members as :class:`Member` records (normali
 holds the member rules shared by all three formats. Extraction writes regular files
 with ``O_EXCL | O_NOFOLLOW``, creates symlinks last and re-checks where each really
 points, counts the bytes it writes against the size limit, and leaves ``tarfile`` to
-its ``data`` filter. Every failure is an :class:`InvalidModelException` whose message
+its ``data`` filter. What extraction creates is its owner's alone, whatever modes the
+archive records: directories are 0700, files keep at most their owner's bits (0600, or
+0700 for an executable tar member), so a model's files never become readable by other
+users on the host. Every failure is an :class:`InvalidModelException` whose message
 names a reason, never a path.
 """
 
@@ -26,6 +29,12 @@ from typing import IO, Literal, Protocol
 from control.errors import InvalidModelException
 
 CHUNK = 64 * 1024
+#: Mode of every directory extraction creates (the umask can only narrow it).
+DIR_MODE = 0o700
+#: Mode of every regular file written from a zip or directory archive.
+FILE_MODE = 0o600
+#: The permission bits a tar member may keep: its owner's.
+OWNER_BITS = 0o700
 #: Longest symlink target read from a zip member.
 LINK_LIMIT = 4096
 
@@ -235,8 +244,29 @@ class TarReader:
     def extract(self, members: list[Member], dest: Path, max_bytes: int) -> None:
         # A tar header's size is the exact byte count tarfile copies, so the declared
         # total already checked is what gets written; the data filter re-checks every
-        # name and link target against ``dest`` and drops special bits.
-        self._tf.extractall(dest, members=self._tf.getmembers(), filter="data")
+        # name and link target against ``dest`` and drops special bits (``_owner_only``
+        # is that filter, narrowed further).
+        self._tf.extractall(dest, members=self._tf.getmembers(), filter=_owner_only)  # noqa: S202
+        # tarfile makes a member's missing parent directories with the umask's default
+        # mode (0755 for most users), and only its own directory members with 0700.
+        _restrict_dirs(dest)
+
+
+def _owner_only(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's ``data`` filter, then every group and other permission bit dropped."""
+    member = tarfile.data_filter(member, dest)
+    if member.mode is not None:
+        member = member.replace(mode=member.mode & OWNER_BITS, deep=False)
+    return member
+
+
+def _restrict_dirs(top: Path) -> None:
+    """Set every directory below ``top`` (never through a symlink) to :data:`DIR_MODE`."""
+    for dirpath, dirnames, _ in os.walk(top):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):  # os.walk lists links to directories here too
+                os.chmod(path, DIR_MODE)
 
 
 def _tar_kind(info: tarfile.TarInfo) -> Kind:
@@ -312,19 +342,31 @@ def write_members(
     for member in members:
         out = _destination(root, member.name)
         if member.kind == "dir":
-            os.makedirs(out, exist_ok=True)
+            _make_dirs(out)
         elif member.kind == "symlink":
             links.append((out, member.target))
         else:  # "file"; hardlinks only come from tar, which extracts by itself
-            os.makedirs(os.path.dirname(out), exist_ok=True)
+            _make_dirs(os.path.dirname(out))
             with source(member) as src:
                 left = _write_new(out, src, left)
     for out, target in links:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+        _make_dirs(os.path.dirname(out))
         os.symlink(target, out)
     for out, _ in links:  # a chain of links can escape where each alone looks contained
         if not is_within(root, out):
             raise invalid("link pointing outside the archive")
+
+
+def _make_dirs(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, but every new level gets :data:`DIR_MODE`.
+
+    (``os.makedirs`` gives its mode to the last level only.) Links are made after all
+    directories and files, so no level can be a symlink yet.
+    """
+    if os.path.isdir(path):
+        return
+    _make_dirs(os.path.dirname(path))
+    os.mkdir(path, DIR_MODE)
 
 
 def _destination(root: str, name: str) -> str:
@@ -336,7 +378,7 @@ def _destination(root: str, name: str) -> str:
 
 def _write_new(path: str, src: IO[bytes], left: int) -> int:
     """Copy ``src`` into the new file ``path``; return the byte budget left."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     with os.fdopen(fd, "wb") as dst:
         for chunk in iter(lambda: src.read(CHUNK), b""):
             left -= len(chunk)

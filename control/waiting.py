@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
-from control.observed import WorkerRecord, WorkerState, workers_of
+from control.observed import WorkerRecord, WorkerState, serving_count, workers_of
 
 #: Poll period: short, because a synchronous register's latency includes it.
 POLL_INTERVAL = 0.02
@@ -62,7 +62,7 @@ class WorkerWaiter:
             failed = _first_failure(records, since)
             if failed is not None:
                 return Outcome(False, failure_status(failed.reason), failed.reason)
-            if sum(1 for r in records if r.state.serving) >= count:
+            if serving_count(records) >= count:
                 return Outcome(True)
             if self._clock() >= deadline:
                 return Outcome(False, 500, "timed out waiting for workers to load")
@@ -71,19 +71,16 @@ class WorkerWaiter:
     def until_at_most(self, name: str, version: str, count: int, timeout: float) -> bool:
         """Wait until at most ``count`` workers still take requests; False on timeout.
 
-        A DRAINING worker takes nothing new (it finishes the request it runs and exits),
-        so it no longer counts: scale-down and unregister answer once capacity is gone.
+        Workers are counted by the one rule (:data:`control.observed.SERVING`): a DRAINING
+        worker takes nothing new (it finishes the request it runs and exits), so it no
+        longer counts, and scale-down and unregister answer once capacity is gone.
         """
         deadline = self._clock() + timeout
-        while _active(workers_of(self._r, name, version)) > count:
+        while serving_count(workers_of(self._r, name, version)) > count:
             if self._clock() >= deadline:
                 return False
             self._sleep(self._interval)
         return True
-
-
-def _active(records: list[WorkerRecord]) -> int:
-    return sum(1 for r in records if r.state is not WorkerState.DRAINING)
 
 
 def _first_failure(records: list[WorkerRecord], since: float) -> WorkerRecord | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import Celery
 
+from control.redis_io import CONNECT_TIMEOUT, HEALTH_CHECK_INTERVAL, SOCKET_TIMEOUT
 from control.settings import Settings
 
 #: Seconds before kombu re-delivers a message whose worker vanished. It must exceed the
@@ -41,8 +42,11 @@ def make_celery(settings: Settings) -> Celery:
         "visibility_timeout": VISIBILITY_TIMEOUT,
         "unacked_restore_throttle": 1,
         "unacked_restore_interval": 5,
-        "health_check_interval": 25,
-        "socket_connect_timeout": 5,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        # kombu's default is none: a Redis gone without closing TCP would hang a worker's
+        # BRPOP (which blocks for polling_interval only) or a task's result write forever.
+        "socket_timeout": SOCKET_TIMEOUT,
         # The BRPOP timeout (kombu reads it from polling_interval). A warm shutdown waits
         # for the pending BRPOP, so this bounds how long an idle worker takes to drain.
         "polling_interval": 0.25,

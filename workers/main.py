@@ -18,9 +18,9 @@ import redis
 
 from control import keys
 from control.devices import visible_gpus
-from control.server import redis_bytes_client, redis_client
+from control.redis_io import redis_bytes_client, redis_client
 from control.settings import Settings
-from workers.launch import ForkSpawner, WorkerSpawner, replace_leftovers
+from workers.launch import ForkSpawner, ModelFiles, WorkerSpawner, replace_leftovers
 from workers.reconcile import DRAIN_GRACE
 from workers.supervisor import Supervisor
 
@@ -45,7 +45,7 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
     settings_file.chmod(0o600)
     client = redis_client(settings.redis_url)
     devices = visible_gpus() if gpus is None else gpus
-    left = replace_leftovers(client, host)
+    left = replace_leftovers(client, host, ModelFiles.of(settings.home, host))
     if left:
         log.info("replaced %d worker(s) left by an earlier supervisor of %s", left, host)
     # Fork by default: the supervisor has imported what a worker needs, so a worker

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -24,18 +24,21 @@ from celery import signals
 from control import keys
 from control.archive import ModelStore
 from control.errors import ModelServerError
-from control.metrics import MetricsRecorder
+from control.metrics import MetricsRecorder, ModelMetrics
+from control.metrics_schema import MetricsConfig, MetricsConfigError
 from control.observed import WorkerRecord, WorkerState
 from control.observed import now as wall
+from control.redis_io import redis_bytes_client, redis_client
 from control.registry import Registry
-from control.server import model_store, redis_bytes_client, redis_client, settings_from_env
+from control.server import model_store, settings_from_env
 from control.settings import Settings
 from workers.celery_app import make_celery
 from workers.handling.compat import install_compat_path
 from workers.handling.loader import LoadError, enter_model_dir, load_handler
+from workers.handling.metrics import config_at
 from workers.handling.service import LoadedModel
 from workers.heartbeat import Reporter
-from workers.launch import model_dir
+from workers.launch import ModelFiles, registration_tag
 from workers.serving import Batcher, ModelRunner, OnlineLoop, block_slack
 from workers.tasks import register_tasks
 
@@ -54,20 +57,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load(settings: Settings, store: ModelStore, args: argparse.Namespace) -> LoadedModel:
-    """Unpack the archive of ``args.model``/``args.version`` and initialise its handler."""
+def load(
+    settings: Settings,
+    store: ModelStore,
+    args: argparse.Namespace,
+    metrics_config: MetricsConfig | None = None,
+) -> LoadedModel:
+    """Unpack the archive of ``args.model``/``args.version`` and initialise its handler.
+
+    The handler's ``context.metrics`` has ``metrics_config``'s model metrics declared.
+
+    The archive is unpacked once per host and registration into this stack's home
+    (``workers.launch.ModelFiles``) and shared with the host's other workers of the
+    version; the supervisor deletes it after the last of them exits.
+    """
     record = Registry(redis_client(settings.redis_url or "")).get(args.model, args.version)
-    target = model_dir(args.host, args.wid)
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
+    files = ModelFiles.of(settings.home, args.host)
+
+    def extract(dest: Path) -> Path:
+        return store.extract(record.spec.archive, dest)
+
     try:
-        root = store.extract(record.spec.archive, target)
+        root = files.unpack(args.model, args.version, registration_tag(record), extract)
     except ModelServerError as exc:
         raise LoadError(f"cannot unpack the model archive: {exc.message}") from exc
+    except OSError as exc:  # e.g. the home's disk is full
+        raise LoadError(f"cannot unpack the model archive: {exc.strerror or exc}") from exc
     enter_model_dir(root)
     install_compat_path()
     # The worker sees only its own GPU, as device 0 (CUDA_VISIBLE_DEVICES).
-    return load_handler(root, record.spec, 0 if args.gpu >= 0 else None)
+    return load_handler(root, record.spec, 0 if args.gpu >= 0 else None, metrics_config)
+
+
+def read_metrics_config(settings: Settings) -> MetricsConfig:
+    """The stack's metrics.yaml (``metrics_config``); a LoadError when it is unusable here."""
+    try:
+        return config_at(settings.metrics_config)
+    except MetricsConfigError as exc:
+        raise LoadError(str(exc)) from exc
 
 
 def _wire_signals(reporter: Reporter, online: OnlineLoop) -> None:
@@ -76,23 +103,27 @@ def _wire_signals(reporter: Reporter, online: OnlineLoop) -> None:
         reporter.set_state(WorkerState.READY)
 
     def draining(**_: Any) -> None:
-        reporter.set_state(WorkerState.DRAINING)
-        online.stop()  # answers the batch in progress, takes nothing new
+        # Celery calls this from its SIGTERM handler, once per signal. It must not block:
+        # a join interrupted by a second SIGTERM whose handler joins too deadlocked the
+        # worker in "Warm shutdown" until its supervisor killed it. _serve waits for the
+        # batch in progress once Celery has stopped.
+        if online.request_stop():
+            reporter.set_state(WorkerState.DRAINING)
 
     signals.worker_ready.connect(ready, weak=False)
     signals.worker_shutting_down.connect(draining, weak=False)
 
 
 def _observer(
-    recorder: MetricsRecorder, model: str, version: str
+    recorder: MetricsRecorder, model_metrics: ModelMetrics, model: str, version: str
 ) -> Callable[[int, list[Any]], None]:
-    """Record each batch's size and the handler's HandlerTime/PredictionTime (ms)."""
+    """Record each batch's size and every metric the handler recorded for it
+    (``HandlerTime``, ``PredictionTime`` and its own; ``ModelMetrics`` decides which
+    reach the page and drops bad ones without raising)."""
 
     def observe(size: int, records: list[Any]) -> None:
         recorder.batch_size(model, version, size)
-        for record in records:
-            if record.name in ("HandlerTime", "PredictionTime"):
-                recorder.gauge(record.name, record.value, {"ModelName": model, "Level": "Model"})
+        model_metrics.record_all(records)
 
     return observe
 
@@ -108,7 +139,7 @@ def _online_loop(
     reporter.keep_alive(inflight, int(max(spec.response_timeout * 2, 600) * 1000))
     batcher = Batcher(
         client,
-        keys.requests(args.model, args.version),
+        keys.online_queue(args.model, args.version),
         inflight,
         spec.batch_size,
         spec.max_batch_delay,
@@ -148,9 +179,18 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> int:
     started = wall()
     try:
-        model = load(settings, model_store(settings), args)
+        metrics_config = read_metrics_config(settings)
+        model = load(settings, model_store(settings), args, metrics_config)
     except LoadError as exc:
-        log.error("model %s:%s failed to load: %s", args.model, args.version, exc)
+        # The whole traceback of the handler's exception (its cause), as TorchServe logs
+        # it; the record keeps the one-line summary that describe shows as lastError.
+        log.error(
+            "model %s:%s failed to load: %s",
+            args.model,
+            args.version,
+            exc,
+            exc_info=exc.__cause__ or exc,
+        )
         reporter.set_state(WorkerState.FAILED, str(exc))
         return EXIT_OUT_OF_MEMORY if exc.oom else EXIT_LOAD_FAILED
     log.info("model %s:%s loaded in %.3f s", args.model, args.version, wall() - started)
@@ -161,17 +201,30 @@ def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> 
         (wall() - started) * 1000,
         {"WorkerName": f"W-{args.wid}-{args.model}_{args.version}", "Level": "Host"},
     )
-    runner = ModelRunner(model, reporter.busy, _observer(recorder, args.model, args.version))
+    model_metrics = ModelMetrics(recorder, metrics_config, settings.model_metrics_auto_detect)
+    model_metrics.record_all(model.load_metrics)  # what the handler recorded in initialize
+    observe = _observer(recorder, model_metrics, args.model, args.version)
+    runner = ModelRunner(model, reporter.busy, observe)
     app = make_celery(settings)
     register_tasks(app, runner, redis_client(settings.redis_url or ""))
-    _wire_signals(reporter, _online_loop(settings, args, runner, reporter))
+    online = _online_loop(settings, args, runner, reporter)
+    _wire_signals(reporter, online)
+    try:
+        _run_celery(app, args)
+    finally:
+        online.stop()  # answers the batch in progress; the supervisor bounds how long
+    return 0
+
+
+def _run_celery(app: Any, args: argparse.Namespace) -> None:
+    """Consume the version's batch queue until a warm shutdown (SIGTERM)."""
     app.worker_main(
         [
             "worker",
             "--pool",
             "solo",
             "--queues",
-            keys.queue(args.model, args.version),
+            keys.batch_queue(args.model, args.version),
             "--hostname",
             f"mqserve-{args.wid}@{args.host}",
             "--without-gossip",
@@ -183,7 +236,6 @@ def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> 
             "INFO",
         ]
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -312,13 +312,21 @@ def _idle_slot(
 
 
 def _pick_gpu(target: Target, obs: Observed, gpu_load: Counter[int]) -> int:
-    """Least-loaded visible GPU (round-robin when loads tie), or -1 for CPU."""
+    """The GPU for a new worker of ``target`` on this host, or -1 for CPU.
+
+    TorchServe's rules: ``deviceType: cpu`` never gets a GPU, and neither does anything
+    on a host without GPUs; otherwise (``gpu`` or unset) the worker gets the least-loaded
+    GPU, ties going round-robin in the host's order. ``deviceIds`` are indices into the
+    GPUs this host may use (``obs.gpus``, e.g. ``CUDA_VISIBLE_DEVICES=2,3`` makes id 0
+    GPU 2, as CUDA numbers them for TorchServe's workers) and restrict the choice to
+    those; one id out of that range makes TorchServe ignore the whole list.
+    """
     if target.device_type == "cpu" or not obs.gpus:
         return -1
     choices = obs.gpus
-    if target.device_ids:
-        allowed = tuple(g for g in target.device_ids if g in obs.gpus)
-        choices = allowed or obs.gpus
+    ids = target.device_ids or ()
+    if ids and all(0 <= i < len(obs.gpus) for i in ids):
+        choices = tuple(dict.fromkeys(obs.gpus[i] for i in ids))
     gpu = min(choices, key=lambda g: (gpu_load[g], choices.index(g)))
     gpu_load[gpu] += 1
     return gpu

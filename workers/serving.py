@@ -23,12 +23,15 @@ import redis
 
 from control import keys
 from control.envelope import FrameError, Reply, Request
+from control.redis_io import block_seconds
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest, Parameter
 
 log = logging.getLogger(__name__)
 
 #: Reply lists outlive an absent client by this much, then expire.
 REPLY_TTL_MS = 60_000
+#: The error for a request older than its model's ``clientTimeoutInMills`` when taken.
+EXPIRED = "Request timed out in the queue (clientTimeoutInMills)."
 #: How often an idle loop wakes to check whether it should stop.
 IDLE_WAKE = 0.25
 #: How late Redis may answer a blocking call's timeout at its default ``hz`` of 10 (one
@@ -72,7 +75,8 @@ class Batcher:
         self._clock = clock
 
     def next_batch(self, wait: float) -> list[bytes]:
-        """Up to ``batch_size`` frames; ``[]`` when none came within ``wait`` seconds."""
+        """Up to ``batch_size`` frames; ``[]`` when none came within ``wait`` seconds
+        (``wait`` at most :data:`control.redis_io.BLOCK_CHUNK`)."""
         first = self._take(wait)
         if first is None:
             return []
@@ -98,8 +102,10 @@ class Batcher:
         return batch
 
     def _take(self, timeout: float) -> bytes | None:
-        # Redis takes fractional timeouts; redis-py's stubs say int but pass it through.
-        timeout_arg: Any = timeout
+        # Never longer than one BLOCK_CHUNK (the caller's loop asks again), never 0 (which
+        # Redis reads as "forever"). Redis takes fractional timeouts; redis-py's stubs say
+        # int but pass it through.
+        timeout_arg: Any = block_seconds(timeout)
         return _frame(self._r.blmove(self._queue, self._inflight, timeout_arg, "RIGHT", "LEFT"))
 
 
@@ -192,10 +198,21 @@ class OnlineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop taking requests; the batch in progress is answered first."""
+    def request_stop(self) -> bool:
+        """Take no new requests from now on; never blocks (safe in a signal handler).
+
+        Returns False when a stop was already requested.
+        """
+        if self._stop.is_set():
+            return False
         self._stop.set()
-        self._thread.join(timeout)
+        return True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking requests and wait until the batch in progress is answered."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -219,7 +236,10 @@ class OnlineLoop:
                 log.error("dropping a malformed request frame: %s", exc)
                 pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
                 continue
-            if request.deadline < now:  # nobody waits for it any more: do not run it
+            if 0 < request.deadline < now:
+                # Older than the model's clientTimeoutInMills: not run. TorchServe drops it
+                # without a word; the waiting client is told instead of left hanging.
+                _push_reply(pipe, request.id, Reply(status=408, error=EXPIRED, dequeued=now))
                 pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
                 continue
             live.append((frame, request))
@@ -238,11 +258,16 @@ class OnlineLoop:
             replies = [Reply(status=exc.status, error=exc.message, dequeued=dequeued)] * len(group)
         pipe = self._r.pipeline(transaction=False)
         for (frame, request), reply in zip(group, replies, strict=True):
-            key = keys.reply(request.id)
-            pipe.lpush(key, reply.frame())
-            pipe.pexpire(key, REPLY_TTL_MS)
+            # The reply before the LREM: a waiting API never sees the request nowhere.
+            _push_reply(pipe, request.id, reply)
             pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
         pipe.execute()
+
+
+def _push_reply(pipe: Any, request_id: str, reply: Reply) -> None:
+    key = keys.reply(request_id)
+    pipe.lpush(key, reply.frame())
+    pipe.pexpire(key, REPLY_TTL_MS)
 
 
 def answer_all(client: redis.Redis, inflight: str, status: int, message: str) -> int:
@@ -258,9 +283,7 @@ def answer_all(client: redis.Redis, inflight: str, status: int, message: str) ->
             request = Request.parse(frame if isinstance(frame, bytes) else frame.encode())
         except FrameError:
             continue
-        key = keys.reply(request.id)
-        pipe.lpush(key, Reply(status=status, error=message).frame())
-        pipe.pexpire(key, REPLY_TTL_MS)
+        _push_reply(pipe, request.id, Reply(status=status, error=message))
     pipe.delete(inflight)
     pipe.execute()
     return len(frames)

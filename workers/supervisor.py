@@ -26,11 +26,12 @@ from typing import Protocol
 import redis
 
 from control import keys, observed
-from control.observed import WorkerRecord, WorkerState
+from control.devices import GpuSampler, usage_text
+from control.observed import GPU_USAGE_FIELD, WorkerRecord, WorkerState
 from control.registry import Registry, VersionRecord
 from control.settings import Settings
 from workers import reconcile
-from workers.launch import WorkerProcess, remove_model_dir
+from workers.launch import ModelFiles, WorkerProcess
 from workers.reconcile import Action, Backoff, Observed, Process, Target
 from workers.serving import answer_all
 
@@ -49,6 +50,15 @@ return 0
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Only into a record that exists: a field written after the record expired would leave
+# a hash without TTL and without the fields every reader needs.
+_SET_USAGE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
 return 0
 """
 
@@ -75,6 +85,8 @@ class Handle:
     stop_sent_at: float | None = None
     kill_reason: str = ""
     reported: bool = False
+    #: The GPU usage sample last copied into the worker's record (0: none yet).
+    usage_seq: int = 0
 
 
 def target_of(record: VersionRecord) -> Target:
@@ -106,6 +118,7 @@ class Supervisor:
         gpus: tuple[int, ...] = (),
         clock: Callable[[], float] = time.time,
         frames: redis.Redis | None = None,
+        usage: GpuSampler | None = None,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -120,6 +133,11 @@ class Supervisor:
         self._backoff: dict[tuple[str, str, int], Backoff] = {}
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._set_usage = client.register_script(_SET_USAGE)
+        #: nvidia-smi samples for describe's gpuUsage, taken on ticks (hosts with GPUs).
+        self._usage = usage if usage is not None else GpuSampler()
+        #: This host's unpacked archives; a version's go when its last worker has exited.
+        self._files = ModelFiles.of(settings.home, host)
 
     # -- one tick ------------------------------------------------------------------------
 
@@ -264,7 +282,7 @@ class Supervisor:
         handle = self._handles.pop(action.wid, None)
         if handle is not None:
             self._answer_inflight(handle)
-        remove_model_dir(self.host, action.wid)
+        self._release_files(action.model, action.version)
         self._backoff.pop((action.model, action.version, action.slot), None)
         self._drop_record(action.wid, action.model, action.version)
         if action.release:
@@ -275,7 +293,7 @@ class Supervisor:
     def _fail(self, action: reconcile.Fail) -> None:
         handle = self._handles.pop(action.wid)
         self._answer_inflight(handle)
-        remove_model_dir(self.host, action.wid)
+        self._release_files(action.model, action.version)
         self._backoff[(action.model, action.version, action.slot)] = action.backoff
         log.warning(
             "worker %s of %s:%s failed (%d in a row): %s",
@@ -293,6 +311,16 @@ class Supervisor:
             handle.spawned_at,
             action.backoff.reason,
         )
+
+    def _release_files(self, model: str, version: str) -> None:
+        """Delete the version's unpacked archive once no worker of it is left on this host.
+
+        The owned handles are the reference count: the exited worker was popped from
+        them, and every worker started since (or still draining) holds one. A worker in
+        back-off has exited, so its retry unpacks afresh.
+        """
+        if not any(h.model == model and h.version == version for h in self._handles.values()):
+            self._files.remove(model, version)
 
     def _answer_inflight(self, handle: Handle) -> None:
         """Answer the requests a dead worker held: TorchServe's ``Worker died.``.
@@ -354,6 +382,26 @@ class Supervisor:
         pipe.hset(keys.host(self.host), mapping={"heartbeat": now, "gpus": len(self._gpus)})
         pipe.pexpire(keys.host(self.host), lease)
         pipe.execute()
+        self._publish_gpu_usage()
+
+    def _publish_gpu_usage(self) -> None:
+        """Copy the latest nvidia-smi sample into each GPU worker's record (for describe).
+
+        Once per sample and worker, not per tick; a worker whose record does not exist
+        yet is tried again on the next tick. Sampling never blocks the tick.
+        """
+        if not self._gpus:
+            return
+        self._usage.poll()
+        seq, texts = self._usage.latest()
+        if seq == 0:
+            return
+        for handle in self._handles.values():
+            if handle.gpu < 0 or handle.usage_seq == seq or handle.popen.poll() is not None:
+                continue
+            text = usage_text(texts, handle.gpu)
+            if self._set_usage(keys=[keys.worker(handle.wid)], args=[GPU_USAGE_FIELD, text]):
+                handle.usage_seq = seq
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -372,6 +420,7 @@ class Supervisor:
                 pubsub.get_message(timeout=TICK_SECONDS)
         finally:
             pubsub.close()
+            self._usage.close()
 
     def shutdown(self, timeout: float) -> None:
         """Drain every worker (SIGKILL after ``timeout``), then give up leases and presence."""

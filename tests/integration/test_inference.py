@@ -275,9 +275,10 @@ def test_request_past_deadline_is_not_run(stack: dict[str, Any], real_redis: red
     # The worker is killed for exceeding response_timeout; the client hears "Worker died."
     assert (status, body["message"]) == (500, "Worker died.")
     wait_for(lambda: predict(base, {"x": 1})[0] == 200, 60, "serving again")
-    # A request whose deadline passed while queued is dropped, never run.
+    # A request older than clientTimeoutInMills when taken is not run: it is answered 408.
     spec_deadline = time.time() - 1
-    from control.envelope import Request
+    from control.envelope import Reply, Request
+    from workers.serving import EXPIRED
 
     stale = Request(
         id="stale",
@@ -287,9 +288,11 @@ def test_request_past_deadline_is_not_run(stack: dict[str, Any], real_redis: red
         enqueued=spec_deadline - 1,
         parts=(),
     )
-    real_redis.lpush(keys.requests("probe", "1.0"), stale.frame())
-    wait_for(lambda: real_redis.llen(keys.requests("probe", "1.0")) == 0, 30, "taken")
-    assert real_redis.llen(keys.reply("stale")) == 0
+    real_redis.lpush(keys.online_queue("probe", "1.0"), stale.frame())
+    wait_for(lambda: real_redis.llen(keys.online_queue("probe", "1.0")) == 0, 30, "taken")
+    frames = redis.Redis.from_url(stack["settings"].redis_url)  # bytes, not text
+    reply = Reply.parse(frames.blpop([keys.reply("stale")], timeout=10)[1])
+    assert (reply.status, reply.error, reply.body) == (408, EXPIRED, b"")
 
 
 def test_ping_follows_live_workers(stack: dict[str, Any], real_redis: redis.Redis) -> None:

@@ -84,7 +84,7 @@ def test_cancel_stops_the_remaining_chunks(stack: dict[str, Any], real_redis: re
     wait_for(lambda: job.progress()[0] >= 3, 60, "the first items")
     cancelled = job.cancel()
     assert cancelled.status == "cancelled"
-    queue = keys.queue("slow", "1.0")
+    queue = keys.batch_queue("slow", "1.0")
     # Every remaining chunk is taken off the queue and skipped.
     wait_for(lambda: real_redis.llen(queue) == 0, 30, "the queue to drain")
     wait_for(
@@ -109,10 +109,11 @@ def test_online_requests_share_a_worker_busy_with_a_job(
     job = stack["jobs"].submit("slow", list(range(1000)))  # about 50 s of work
     wait_for(lambda: job.progress()[0] >= 5, 60, "the job to run")
     dispatcher = Dispatcher(redis.Redis.from_url(redis_url))
-    record = dispatcher.lookup("slow", None)
     for i in range(5):
         started = time.monotonic()
-        outcome = dispatcher.send(record, (Part("body", "application/json", b'"online"'),), {})
+        outcome = dispatcher.send(
+            "slow", None, (Part("body", "application/json", b'"online"'),), {}
+        )
         # Waits for the batch in progress (50 ms), not for the job's other items.
         assert time.monotonic() - started < 2.0
         assert (outcome.reply.status, outcome.reply.body) == (200, b"online"), i

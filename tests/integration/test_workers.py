@@ -69,7 +69,7 @@ def predict(settings: Settings, model: str, body: str, timeout: float = 60) -> d
         "headers": {},
         "params": [{"name": "body", "content_type": "text/plain", "text": body}],
     }
-    result = app.send_task(PREDICT_TASK, args=[message], queue=keys.queue(model, "1.0"))
+    result = app.send_task(PREDICT_TASK, args=[message], queue=keys.batch_queue(model, "1.0"))
     try:
         reply: dict[str, Any] = result.get(timeout=timeout)
     finally:
@@ -270,7 +270,9 @@ def test_request_past_response_timeout_kills_the_worker(
         [pid] = worker_pids(real_redis, "hang")
         app = make_celery(settings)
         message = {"id": "stuck", "headers": {}, "params": []}
-        app.send_task(PREDICT_TASK, args=[message], queue=keys.queue("hang", "1.0"), expires=5)
+        app.send_task(
+            PREDICT_TASK, args=[message], queue=keys.batch_queue("hang", "1.0"), expires=5
+        )
         wait_for(all_dead([pid]), 30, "the stuck worker to be killed")
         wait_for(
             lambda: any(
@@ -345,7 +347,7 @@ def test_torch_model_archiver_archive_serves(stack: dict[str, Any], store: Path)
                 {"name": "body", "content_type": "application/json", "text": "[5.1, 3.5, 1.4, 0.2]"}
             ],
         }
-        result = app.send_task(PREDICT_TASK, args=[message], queue=keys.queue("iris", "1.0"))
+        result = app.send_task(PREDICT_TASK, args=[message], queue=keys.batch_queue("iris", "1.0"))
         reply = result.get(timeout=60)
         result.forget()
         assert reply["status"] == 200

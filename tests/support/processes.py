@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -130,12 +130,17 @@ def management_process(settings: Settings, workdir: Path) -> AbstractContextMana
 
 @contextmanager
 def supervisor_process(
-    settings: Settings, home: Path, host: str
+    settings: Settings, home: Path, host: str, env: Mapping[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``mqserve supervisor`` for ``host``, stopped (and its workers drained) on exit."""
+    """``mqserve supervisor`` for ``host``, stopped (and its workers drained) on exit.
+
+    The host has no GPUs (``CUDA_VISIBLE_DEVICES=""``) unless ``env`` says otherwise;
+    ``env`` is laid over this process's environment (e.g. ``CUDA_VISIBLE_DEVICES=0,1``
+    to pretend two GPUs, or a ``PATH`` with a fake ``nvidia-smi``).
+    """
     home.mkdir(parents=True, exist_ok=True)
     log = (home / f"supervisor-{host}.log").open("wb")
-    env = {**os.environ, "MQSERVE_HOME": str(home), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "MQSERVE_HOME": str(home), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -29,6 +29,10 @@ def no_ts(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [n for n in sys.modules if n == "ts" or n.startswith("ts.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(COMPAT_DIR)])
+    # An installed mqserve also provides ``ts`` through its startup finder
+    # (workers/compat/startup): take that away too.
+    finders = [f for f in sys.meta_path if type(f).__name__ != "TsFallbackFinder"]
+    monkeypatch.setattr(sys, "meta_path", finders)
     importlib.invalidate_caches()
 
 

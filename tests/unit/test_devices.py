@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from control.devices import default_startup_workers, visible_gpus
+from control.devices import default_startup_workers, device_token, visible_gpus
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,13 @@ def test_startup_workers_default() -> None:
     assert default_startup_workers(3, {"CUDA_VISIBLE_DEVICES": "0"}) == 3
     assert default_startup_workers(0, {"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
     assert default_startup_workers(0, {"CUDA_VISIBLE_DEVICES": ""}) == (os.cpu_count() or 1)
+
+
+def test_a_worker_gets_the_hosts_own_name_for_its_gpu() -> None:
+    # Numbers are physical ids and stay as they are; UUIDs and MIG names are positions
+    # in the host's list, so the worker must get the name, not the position.
+    assert device_token(3, {"CUDA_VISIBLE_DEVICES": "2,3"}) == "3"
+    uuids = {"CUDA_VISIBLE_DEVICES": "GPU-aaa, GPU-bbb"}
+    assert visible_gpus(uuids) == (0, 1)
+    assert [device_token(g, uuids) for g in (0, 1)] == ["GPU-aaa", "GPU-bbb"]
+    assert device_token(1, {}) == "1"  # found through nvidia-smi: its index

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import torch  # noqa: F401 - imported once here, not first inside a handler unde
 
 from tests.support.handlers import isolated_imports, make_model_dir, make_request, make_spec
 from workers.handling import LoadError, enter_model_dir, load_handler
-from workers.handling.loader import parse_handler, scrub_paths
+from workers.handling.loader import MAX_MESSAGE, parse_handler, scrub_paths
+
+HANDLERS = Path(__file__).resolve().parents[1] / "support" / "handlers"
+
+
+def line_of(path: Path, text: str) -> int:
+    """The 1-based number of the first line of ``path`` that contains ``text``."""
+    lines = path.read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if text in line)
 
 
 @pytest.fixture(autouse=True)
@@ -127,8 +136,10 @@ def test_import_error_inside_handler_is_not_a_fallback(tmp_path: Path) -> None:
     model_dir = make_model_dir(tmp_path, "broken_import.py")
     with pytest.raises(LoadError) as info:
         load_handler(model_dir, make_spec("broken_import.py"), None)
+    line = line_of(HANDLERS / "broken_import.py", "import mqserve_test_missing_dependency")
     assert info.value.message == (
-        "ModuleNotFoundError: No module named 'mqserve_test_missing_dependency'"
+        "ModuleNotFoundError: No module named 'mqserve_test_missing_dependency' "
+        f"(broken_import.py, line {line})"
     )
 
 
@@ -136,18 +147,30 @@ def test_syntax_error_in_handler_is_reported(tmp_path: Path) -> None:
     model_dir = make_model_dir(tmp_path, files={"bad.py": "def handle(:\n"})
     with pytest.raises(LoadError) as info:
         load_handler(model_dir, make_spec("bad.py"), None)
-    assert info.value.message.startswith("SyntaxError: ")
-    assert str(tmp_path) not in info.value.message
+    message = info.value.message
+    assert message.startswith("SyntaxError: ")
+    assert message.endswith(" (bad.py, line 1)")
+    assert message.count("bad.py") == 1  # not SyntaxError's own "(file, line)" as well
+    assert str(tmp_path) not in message
 
 
-@pytest.mark.parametrize("fail", ["memory", "cuda"])
-def test_out_of_memory_at_load(tmp_path: Path, fail: str) -> None:
+@pytest.mark.parametrize(
+    ("fail", "cause"),
+    [
+        ("memory", "MemoryError"),
+        ("cuda", "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
+def test_out_of_memory_at_load(tmp_path: Path, fail: str, cause: str) -> None:
     model_dir = make_model_dir(tmp_path, "init_failure_handler.py")
     spec = make_spec("init_failure_handler.py", model_config={"fail": fail})
     with pytest.raises(LoadError) as info:
         load_handler(model_dir, spec, None)
     assert info.value.oom
-    assert info.value.message == "System out of memory"
+    line = line_of(HANDLERS / "init_failure_handler.py", cause.partition(":")[0] + "(")
+    assert info.value.message == (
+        f"System out of memory: {cause} (init_failure_handler.py, line {line})"
+    )
 
 
 def test_load_error_names_the_cause_without_paths(tmp_path: Path) -> None:
@@ -156,7 +179,11 @@ def test_load_error_names_the_cause_without_paths(tmp_path: Path) -> None:
     with pytest.raises(LoadError) as info:
         load_handler(model_dir, spec, None)
     message = info.value.message
-    assert message == ("FileNotFoundError: [Errno 2] No such file or directory: 'missing.bin'")
+    line = line_of(HANDLERS / "init_failure_handler.py", "missing.bin")
+    assert message == (
+        "FileNotFoundError: [Errno 2] No such file or directory: 'missing.bin' "
+        f"(init_failure_handler.py, line {line})"
+    )
     assert not info.value.oom
 
 
@@ -205,3 +232,86 @@ def test_context_at_load(tmp_path: Path) -> None:
     assert context.request_ids is None
     assert context.cl_socket is None
     assert context.stopping_criteria is None
+
+
+# -- lastError: type, message, and where the archive's code raised it ---------------
+
+INIT_RAISES = """\
+class ModelHandler:
+    def initialize(self, context):
+        self.ready = False
+        raise ValueError("bad weights")
+
+    def handle(self, data, context):
+        return data
+"""
+
+
+def test_exception_in_initialize_names_type_message_file_and_line(tmp_path: Path) -> None:
+    model_dir = make_model_dir(tmp_path, files={"model_handler.py": INIT_RAISES})
+    with pytest.raises(LoadError) as info:
+        load_handler(model_dir, make_spec("model_handler.py"), None)
+    assert info.value.message == "ValueError: bad weights (model_handler.py, line 4)"
+    assert not info.value.oom
+
+
+def test_cause_carries_the_whole_traceback(tmp_path: Path) -> None:
+    model_dir = make_model_dir(tmp_path, files={"model_handler.py": INIT_RAISES})
+    with pytest.raises(LoadError) as info:
+        load_handler(model_dir, make_spec("model_handler.py"), None)
+    cause = info.value.__cause__
+    assert isinstance(cause, ValueError)
+    text = "".join(traceback.format_exception(cause))
+    assert text.startswith("Traceback (most recent call last):")
+    handler = (model_dir / "model_handler.py").resolve()
+    assert f'File "{handler}", line 4, in initialize' in text
+    assert text.rstrip().endswith("ValueError: bad weights")
+
+
+def test_location_is_the_innermost_frame_in_the_archive(tmp_path: Path) -> None:
+    helper = "def load_weights(path):\n    raise OSError(f'cannot read {path}')\n"
+    handler = (
+        "from handler_lib.weights import load_weights\n"
+        "\n"
+        "def handle(data, context):\n"
+        "    if data is None:\n"
+        "        load_weights('/srv/secret/model.bin')\n"
+    )
+    model_dir = make_model_dir(tmp_path, files={"handler.py": handler})
+    (model_dir / "handler_lib").mkdir()
+    (model_dir / "handler_lib" / "__init__.py").write_text("")
+    (model_dir / "handler_lib" / "weights.py").write_text(helper)
+    with pytest.raises(LoadError) as info:
+        load_handler(model_dir, make_spec("handler.py"), None)
+    assert info.value.message == ("OSError: cannot read model.bin (handler_lib/weights.py, line 2)")
+
+
+def test_library_errors_point_at_the_handler_line_that_called(tmp_path: Path) -> None:
+    handler = "import json\n\ndef handle(data, context):\n    json.loads('{')\n"
+    model_dir = make_model_dir(tmp_path, files={"handler.py": handler})
+    with pytest.raises(LoadError) as info:
+        load_handler(model_dir, make_spec("handler.py"), None)
+    message = info.value.message
+    assert message.startswith("JSONDecodeError: Expecting property name enclosed")
+    assert message.endswith(" (handler.py, line 4)")  # not json/decoder.py's frame
+
+
+def test_no_location_when_no_archive_code_ran(tmp_path: Path) -> None:
+    model_dir = make_model_dir(tmp_path)
+    with pytest.raises(LoadError) as info:
+        load_handler(model_dir, make_spec("base_handler"), None)
+    assert info.value.message == "RuntimeError: No model weights could be loaded"
+
+
+def test_long_multiline_message_is_one_bounded_line_that_keeps_the_location(
+    tmp_path: Path,
+) -> None:
+    handler = "def handle(data, context):\n    raise ValueError('line\\n' * 2000)\n"
+    model_dir = make_model_dir(tmp_path, files={"handler.py": handler})
+    with pytest.raises(LoadError) as info:
+        load_handler(model_dir, make_spec("handler.py"), None)
+    message = info.value.message
+    assert len(message) == MAX_MESSAGE
+    assert "\n" not in message
+    assert message.startswith("ValueError: line line line")
+    assert message.endswith("... (handler.py, line 2)")

@@ -118,7 +118,7 @@ def test_submit_stores_the_job_and_queues_its_chunks(
     assert [args for _, args, _ in celery.sent] == [[job, 0, 16], [job, 16, 32], [job, 32, 40]]
     assert {name for name, _, _ in celery.sent} == {BATCH_TASK}
     assert all(
-        opts == {"queue": keys.queue("echo", "1.0"), "ignore_result": True}
+        opts == {"queue": keys.batch_queue("echo", "1.0"), "ignore_result": True}
         for _, _, opts in celery.sent
     )
     assert redis_client.hget(keys.job_items(job), "39") == '{"x":39}'

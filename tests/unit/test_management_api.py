@@ -373,7 +373,9 @@ def test_describe_exact_document(client: testing.TestClient, redis_client: Any) 
         ),
         ttl=60,
     )
-    redis_client.rpush(keys.queue("noop", "1.0"), "a", "b")
+    # jobQueueStatus counts the online queue (job_queue_size), never batch-job messages.
+    redis_client.rpush(keys.online_queue("noop", "1.0"), "a", "b")
+    redis_client.rpush(keys.batch_queue("noop", "1.0"), "c", "d", "e")
     result = client.simulate_get("/models/noop")
     expected = [
         {
@@ -418,7 +420,8 @@ def test_describe_exact_document(client: testing.TestClient, redis_client: Any) 
                     "memoryUsage": 0,
                     "pid": 78,
                     "gpu": True,
-                    "gpuUsage": "gpuId::0",
+                    # No supervisor sampled nvidia-smi: TorchServe's text for that.
+                    "gpuUsage": "failed to obtained gpu usage",
                 },
             ],
             "jobQueueStatus": {"remainingCapacity": 98, "pendingRequests": 2},

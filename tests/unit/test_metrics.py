@@ -285,11 +285,13 @@ def test_page_format_is_torchserves(
     types = [line for line in lines if line.startswith("# TYPE mqserve_")]
     assert [h.split()[2] for h in helps] == [
         "mqserve_queue_depth",
+        "mqserve_batch_queue_depth",
         "mqserve_workers",
         "mqserve_batch_size",
     ]
     assert types == [
         "# TYPE mqserve_queue_depth gauge",
+        "# TYPE mqserve_batch_queue_depth gauge",
         "# TYPE mqserve_workers gauge",
         "# TYPE mqserve_batch_size histogram",
     ]
@@ -336,18 +338,25 @@ def test_queue_depth_and_workers_by_state(redis_client: fakeredis.FakeRedis) -> 
     registry.register(spec("m", "1.0"), 1, 1)
     registry.register(spec("m", "2.0"), 1, 1)
     for i in range(3):
-        redis_client.lpush(keys.requests("m", "1.0"), f"frame-{i}")
-    redis_client.lpush(keys.queue("m", "1.0"), "task")
-    redis_client.lpush(keys.requests("unregistered", "1.0"), "ignored")
+        redis_client.lpush(keys.online_queue("m", "1.0"), f"frame-{i}")
+    redis_client.lpush(keys.batch_queue("m", "1.0"), "task")
+    redis_client.lpush(keys.online_queue("unregistered", "1.0"), "ignored")
     observed.publish(redis_client, worker("9000", WorkerState.READY), ttl=60)
     observed.publish(redis_client, worker("9001", WorkerState.READY), ttl=60)
     observed.publish(redis_client, worker("9002", WorkerState.LOADING), ttl=60)
     observed.publish(redis_client, worker("9003", WorkerState.BUSY, version="2.0"), ttl=60)
 
-    page = render(redis_client, {"mqserve_queue_depth", "mqserve_workers"})
+    page = render(
+        redis_client, {"mqserve_queue_depth", "mqserve_batch_queue_depth", "mqserve_workers"}
+    )
+    # The online queue (describe's pendingRequests) and the batch queue, never mixed.
     assert page.splitlines()[2:4] == [
-        'mqserve_queue_depth{model_name="m",model_version="1.0",} 4.0',
+        'mqserve_queue_depth{model_name="m",model_version="1.0",} 3.0',
         'mqserve_queue_depth{model_name="m",model_version="2.0",} 0.0',
+    ]
+    assert page.splitlines()[6:8] == [
+        'mqserve_batch_queue_depth{model_name="m",model_version="1.0",} 1.0',
+        'mqserve_batch_queue_depth{model_name="m",model_version="2.0",} 0.0',
     ]
     workers = samples(page, "mqserve_workers")
     by_state = {

@@ -396,7 +396,7 @@ def test_full_queue(status: int, description: dict[str, Any]) -> None:
     server.register(job_queue_size=1)
     server.text.sadd(keys.workers("noop", "1.0"), "w1")
     server.text.hset(keys.worker("w1"), "state", "READY")
-    server.text.lpush(keys.requests("noop", "1.0"), "waiting")
+    server.text.lpush(keys.online_queue("noop", "1.0"), "waiting")
     result = server.client.simulate_post("/predictions/noop", body=b"x")
     assert result.status_code == status, result.text
     _check_documented(description, "/predictions/{model_name}", "post", result)

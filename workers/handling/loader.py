@@ -13,8 +13,11 @@
    which is instantiated without arguments and must have ``handle``; its
    ``initialize(context)`` runs at load.
 
-Every failure is a :class:`LoadError` whose message names the cause without
-filesystem paths.
+Every failure is a :class:`LoadError` whose message is one bounded line for
+describe's ``lastError``: the exception's type and message, without filesystem paths,
+and where the archive's code raised it, e.g. ``ValueError: bad weights
+(model_handler.py, line 12)`` (:func:`summarize`). The exception itself is the
+error's ``__cause__``, so its whole traceback can be logged (the worker does).
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ import inspect
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from control.metrics_schema import MetricsConfig
 from control.spec import ModelSpec
+from control.unpack import is_within
 from workers.handling.compat import install_compat_path
 from workers.handling.context import Context
 from workers.handling.metrics import MetricsRecorder
@@ -39,7 +45,11 @@ from workers.handling.service import EntryPoint, LoadedModel
 TORCHSERVE_VERSION = "0.12.0"
 BUILTIN_PACKAGE = "ts.torch_handler"
 OUT_OF_MEMORY = "System out of memory"
+#: Longest :class:`LoadError` message: it is stored in a Redis hash field (the worker's
+#: ``reason``) and shown in describe, so it stays a short line whatever the handler raised.
 MAX_MESSAGE = 1000
+#: Longest file name in a message's location; longer ones keep their end.
+MAX_LOCATION = 200
 
 Initializer = Callable[[Context], object]
 
@@ -48,7 +58,10 @@ _DIRECTORIES = re.compile(r"(?<![\w.~-])/(?:[^\s/'\"]+/)+")
 
 
 class LoadError(Exception):
-    """The handler could not be loaded; ``oom`` marks an out-of-memory failure (507)."""
+    """The handler could not be loaded; ``oom`` marks an out-of-memory failure (507).
+
+    ``message`` is one line of at most :data:`MAX_MESSAGE` characters.
+    """
 
     def __init__(self, message: str, oom: bool = False) -> None:
         super().__init__(message)
@@ -65,11 +78,18 @@ def enter_model_dir(model_dir: Path) -> None:
     os.chdir(model_dir)
 
 
-def load_handler(model_dir: Path, spec: ModelSpec, gpu_id: int | None) -> LoadedModel:
+def load_handler(
+    model_dir: Path,
+    spec: ModelSpec,
+    gpu_id: int | None,
+    metrics_config: MetricsConfig | None = None,
+) -> LoadedModel:
     """Import and initialise ``spec.handler`` from the unpacked archive ``model_dir``.
 
-    The context gets ``spec.manifest`` (None when empty) and ``spec.model_config`` as
-    ``model_yaml_config``. Raises :class:`LoadError`.
+    The context gets ``spec.manifest`` (None when empty), ``spec.model_config`` as
+    ``model_yaml_config``, and a metrics cache with the ``model_metrics`` of
+    ``metrics_config`` declared (None: the default metrics.yaml's). Raises
+    :class:`LoadError`.
     """
     install_compat_path()
     directory = str(model_dir.resolve())
@@ -83,14 +103,14 @@ def load_handler(model_dir: Path, spec: ModelSpec, gpu_id: int | None) -> Loaded
         gpu_id,
         TORCHSERVE_VERSION,
         True,
-        MetricsRecorder(spec.model_name),
+        MetricsRecorder(spec.model_name, metrics_config),
         dict(spec.model_config),
     )
     try:
         entry_point, initialize = resolve_handler(spec.handler)
         initialize(context)
     except Exception as exc:  # handler code is user code: anything may come out
-        raise load_error(exc) from exc
+        raise load_error(exc, model_dir) from exc
     return LoadedModel(context, entry_point)
 
 
@@ -158,17 +178,73 @@ def list_classes_from_module(module: ModuleType, parent_class: type | None = Non
     return classes
 
 
-def load_error(exc: BaseException) -> LoadError:
-    """The :class:`LoadError` for a failure while importing or initialising a handler."""
+def load_error(exc: BaseException, model_dir: Path | None = None) -> LoadError:
+    """The :class:`LoadError` for a failure while importing or initialising a handler.
+
+    Out of memory (``MemoryError``, or a RuntimeError naming CUDA) is TorchServe's
+    ``System out of memory``, followed by the summary: ``System out of memory:
+    MemoryError (handler.py, line 9)``.
+    """
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "CUDA" in str(exc)):
-        return LoadError(OUT_OF_MEMORY, oom=True)
-    return LoadError(scrub_paths(f"{type(exc).__name__}: {exc}"))
+        return LoadError(summarize(exc, model_dir, prefix=f"{OUT_OF_MEMORY}: "), oom=True)
+    return LoadError(summarize(exc, model_dir))
+
+
+def summarize(exc: BaseException, model_dir: Path | None, prefix: str = "") -> str:
+    """``prefix`` + ``Type: message (file, line N)`` on one line of at most MAX_MESSAGE chars.
+
+    The location is :func:`handler_location` (left out when there is none). The message
+    has its absolute paths cut to their last component and every run of whitespace, line
+    breaks included, made one space; when too long, the message is shortened, never the
+    type or the location.
+    """
+    message = exc.msg if isinstance(exc, SyntaxError) else str(exc)  # no "(file, line)" twice
+    text = type(exc).__name__ + (f": {message}" if message else "")
+    text = prefix + " ".join(_DIRECTORIES.sub("", text).split())
+    where = handler_location(exc, model_dir) if model_dir is not None else None
+    if where is None:
+        return _bounded(text, MAX_MESSAGE)
+    name, line = where
+    if len(name) > MAX_LOCATION:
+        name = "..." + name[3 - MAX_LOCATION :]
+    suffix = f" ({name}, line {line})"
+    return _bounded(text, MAX_MESSAGE - len(suffix)) + suffix
+
+
+def handler_location(exc: BaseException, model_dir: Path) -> tuple[str, int] | None:
+    """Where the archive's own code raised ``exc``: ``(file relative to model_dir, line)``.
+
+    That is the innermost traceback frame in a file under ``model_dir`` (the handler,
+    or a module of the archive it imports), or for a ``SyntaxError`` in such a file the
+    offending line. None when no archive code ran (the handler module is missing, or a
+    built-in handler failed by itself).
+    """
+    root = str(model_dir)
+    syntax = exc if isinstance(exc, SyntaxError) else None
+    if syntax and syntax.filename and syntax.lineno and _inside(root, syntax.filename):
+        return _relative(root, syntax.filename), syntax.lineno
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if _inside(root, frame.filename):
+            return _relative(root, frame.filename), frame.lineno or 0
+    return None
 
 
 def scrub_paths(text: str) -> str:
     """``text`` with absolute paths cut to their last component, at most 1000 chars."""
-    text = _DIRECTORIES.sub("", text)
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+    return _bounded(_DIRECTORIES.sub("", text), MAX_MESSAGE)
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _inside(root: str, path: str) -> bool:
+    """True for a real file under ``root`` (not ``<frozen ...>`` or ``<string>``)."""
+    return os.path.isabs(path) and is_within(root, path)
+
+
+def _relative(root: str, path: str) -> str:
+    return os.path.relpath(os.path.realpath(path), os.path.realpath(root)).replace(os.sep, "/")
 
 
 def _names(exc: ModuleNotFoundError, module: str) -> bool:
