@@ -24,9 +24,10 @@ returned, every later request is routed by the new state.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -85,6 +86,10 @@ return 0
 """
 
 _NO_WORKER, _QUEUE_FULL, _STALE = -1, -2, -3
+#: How long a waiting request rides out a Redis outage before it is answered 503.
+REDIS_OUTAGE_WAIT = 30.0
+#: Pause between attempts while Redis is unreachable.
+OUTAGE_PAUSE = 0.5
 #: Attempts at pushing: the cached spec, a fresh read, then a fresh read unchecked (a
 #: registry that changes on every request must not starve it).
 _ATTEMPTS = 3
@@ -191,18 +196,22 @@ class Dispatcher:
         """Block for the reply for as long as the request is alive (see the module doc)."""
         key = keys.reply(request.id)
         verdict = 1
+        outage = _Outage()
 
         def still_alive() -> bool:
             nonlocal verdict
-            verdict = int(self._alive(
-                keys=[key, keys.online_queue(request.model, request.version),
-                      keys.workers(request.model, request.version)],
-                args=[frame, keys.worker(""), keys.inflight(""), *_SERVING_STATES],
-            ))  # fmt: skip
+            with outage.tolerated():
+                verdict = int(self._alive(
+                    keys=[key, keys.online_queue(request.model, request.version),
+                          keys.workers(request.model, request.version)],
+                    args=[frame, keys.worker(""), keys.inflight(""), *_SERVING_STATES],
+                ))  # fmt: skip
             return verdict == 1
 
         def pop(seconds: float) -> bytes | None:
-            popped = self._r.blpop([key], timeout=seconds)
+            popped = None
+            with outage.tolerated(pause=seconds):
+                popped = self._r.blpop([key], timeout=seconds)
             if popped is None:
                 return None
             frame = popped[1]
@@ -214,3 +223,30 @@ class Dispatcher:
                 raise NoWorker("no worker left")
             raise InternalServerException("Worker died.")
         return Reply.parse(answer)
+
+
+class _Outage:
+    """Rides out a Redis outage while a request waits: the request lives on in Redis
+    (its frame, its worker's in-flight list) and its reply is kept when Redis returns.
+
+    Connection errors are swallowed (after a pause, so a dead Redis is not hammered)
+    until the outage has lasted :data:`REDIS_OUTAGE_WAIT` seconds; then the error goes
+    up and the client gets the ports' 503.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since: float | None = None
+
+    @contextlib.contextmanager
+    def tolerated(self, pause: float = OUTAGE_PAUSE) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError):
+            now = self._clock()
+            self._since = now if self._since is None else self._since
+            if now - self._since >= REDIS_OUTAGE_WAIT:
+                raise
+            time.sleep(min(pause, OUTAGE_PAUSE))
+        else:
+            self._since = None

@@ -30,5 +30,9 @@ def unhealthy_models(client: redis.Redis) -> list[str]:
 
 
 def healthy(client: redis.Redis) -> bool:
-    """True when no model is short of serving workers (and when there are no models)."""
-    return not unhealthy_models(client)
+    """True when no model is short of serving workers (and when there are no models);
+    False while Redis cannot be reached (nothing can be served then)."""
+    try:
+        return not unhealthy_models(client)
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False

@@ -16,15 +16,20 @@ from typing import Any
 
 import falcon
 import orjson
+import redis
 
 from control.errors import (
     InternalServerException,
     MethodNotAllowedException,
     ModelServerError,
     ResourceNotFoundException,
+    ServiceUnavailableException,
 )
 
 log = logging.getLogger(__name__)
+
+#: The message of the 503 every port answers while Redis cannot be reached.
+REDIS_DOWN = "The model registry (Redis) is unavailable. Retry shortly."
 
 NO_CACHE_HEADERS = {
     "Pragma": "no-cache",
@@ -113,6 +118,15 @@ def _handle_http_error(
         render_error(req, resp, InternalServerException(exc.title or "Error", exc.status_code))
 
 
+def _handle_redis_down(
+    req: falcon.Request, resp: falcon.Response, exc: redis.RedisError, params: dict[str, Any]
+) -> None:
+    # The registry is unreachable (Redis restarting, a network cut): the client may retry,
+    # so this is a TorchServe-shaped 503, never a 500 with a stack trace.
+    log.warning("Redis unavailable on %s %s: %s", req.method, req.path, exc)
+    render_error(req, resp, ServiceUnavailableException(REDIS_DOWN))
+
+
 def _handle_unexpected(
     req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]
 ) -> None:
@@ -125,6 +139,10 @@ def new_app(middleware: Iterable[Any]) -> falcon.App[falcon.Request, falcon.Resp
     """A Falcon app with TorchServe's headers and error bodies wired in."""
     app = falcon.App(middleware=[CommonHeaders(), *middleware])
     app.add_error_handler(Exception, _handle_unexpected)
+    # Only an unreachable Redis (BusyLoadingError is a ConnectionError); a Redis error
+    # about the data itself is a server bug: the generic 500 below.
+    app.add_error_handler(redis.ConnectionError, _handle_redis_down)
+    app.add_error_handler(redis.TimeoutError, _handle_redis_down)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)
     app.add_error_handler(ModelServerError, _handle_model_error)
     return app

@@ -14,7 +14,7 @@ from falcon import testing
 from openapi_spec_validator import validate
 
 from control import keys
-from control.http import new_app
+from control.http import REDIS_DOWN, new_app
 from control.metrics import CONTENT_TYPE, CountResponses, MetricsRecorder, create_metrics_app
 from control.openapi import load_description
 
@@ -160,13 +160,13 @@ def test_without_recorder_nothing_is_counted(redis_client: fakeredis.FakeRedis) 
     assert redis_client.keys("*") == []
 
 
-def test_redis_failure_is_a_500(recorder: MetricsRecorder) -> None:
+def test_redis_outage_is_a_503(recorder: MetricsRecorder) -> None:
     server = fakeredis.FakeServer()
     server.connected = False
     broken = fakeredis.FakeRedis(server=server, decode_responses=True)
     client = testing.TestClient(create_metrics_app(broken, recorder))
     result = client.simulate_get("/metrics")
-    assert_error(result, 500, "InternalServerException", "Internal Server Error")
+    assert_error(result, 503, "ServiceUnavailableException", REDIS_DOWN)
     server.connected = True
     assert recorder.flush(broken)
     assert (
