@@ -38,19 +38,18 @@ T = TypeVar("T")
 
 def redis_client(url: str) -> redis.Redis:
     """A thread-safe client (connection pool) returning ``str`` values."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        health_check_interval=HEALTH_CHECK_INTERVAL,
-    )
+    return _client(url, decode_responses=True)
 
 
 def redis_bytes_client(url: str) -> redis.Redis:
     """A client returning ``bytes``: for request and reply frames, which carry raw data."""
+    return _client(url, decode_responses=False)
+
+
+def _client(url: str, decode_responses: bool) -> redis.Redis:
     return redis.Redis.from_url(
         url,
+        decode_responses=decode_responses,
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT,
         health_check_interval=HEALTH_CHECK_INTERVAL,
