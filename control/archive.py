@@ -10,8 +10,14 @@ re-checking every member and counting the bytes it really writes.
 
 Every member is checked before anything is written: no absolute names, drive letters
 or ``..`` components, no links leading outside the archive, no devices or fifos, at
-most ``max_archive_entries`` members and ``max_archive_bytes`` declared in total.
-Messages name the reason, never a filesystem path.
+most ``max_archive_entries`` members and ``max_archive_bytes`` declared in total, and
+no zip bombs: above :attr:`Limits.ratio_free_bytes`, neither one zip member nor the
+whole archive may declare more than :attr:`Limits.max_ratio` times its compressed size
+(``control.unpack.check``). These checks run at registration, so a bomb is refused
+before it is ever registered. Messages name the reason, never a filesystem path.
+
+An archive name (the url's basename) longer than :data:`NAME_MAX` bytes cannot exist in
+the model store: a local one is "not found", a download is refused before fetching.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ MANIFEST_STRINGS = (
     "requirementsFile",
 )
 
+#: Longest file name (bytes) of Linux file systems (ext4, xfs, tmpfs, NFS).
+NAME_MAX = 255
+
 _LOOKS_LIKE_URL = re.compile(r"(file|https?|ftp|s3)://", re.IGNORECASE)
 _TMP_PREFIX = ".mqserve-download-"
 
@@ -66,6 +75,12 @@ class Limits:
     max_download_bytes: int = 4 * 1024**3
     max_archive_bytes: int = 16 * 1024**3  # total unpacked size
     max_archive_entries: int = 10_000
+    #: Largest uncompressed / compressed size ratio of a zip member and of a whole archive
+    #: (``.mar`` or tar.gz). Model files reach 2 to 10; deflate's maximum is about 1032.
+    max_ratio: int = 200
+    #: Sizes up to this many bytes are exempt from ``max_ratio`` (a small file of
+    #: zeros or repeated text compresses well and harms nobody).
+    ratio_free_bytes: int = 8 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -119,7 +134,7 @@ class ModelStore:
 
     def _download(self, root: Path, url: str, basename: str) -> ArchiveInfo:
         failed = DownloadArchiveException(f"Failed to download archive from: {url}")
-        if basename in ("", ".") or "\x00" in basename:
+        if basename in ("", ".") or "\x00" in basename or _too_long(basename):
             raise failed
         target = root / basename
         if os.path.lexists(target):
@@ -142,28 +157,47 @@ class ModelStore:
 
     def _local(self, root: Path, url: str, basename: str) -> ArchiveInfo:
         path = root / basename
-        if basename in ("", ".") or basename.startswith(_TMP_PREFIX):
-            raise ModelNotFoundException(f"Model not found at: {url}")
-        if path.is_dir():
-            kind = "dir"
-        elif path.is_file():
-            kind = _kind(basename)
-        else:
-            raise ModelNotFoundException(f"Model not found at: {url}")
+        missing = ModelNotFoundException(f"Model not found at: {url}")
+        if basename in ("", ".") or basename.startswith(_TMP_PREFIX) or _too_long(basename):
+            raise missing
+        try:
+            if path.is_dir():
+                kind = "dir"
+            elif path.is_file():
+                kind = _kind(basename)
+            else:
+                raise missing
+        except OSError:  # ENAMETOOLONG for a model store path near PATH_MAX, EACCES
+            raise missing from None
         manifest, config = self._inspect(path, kind)
         return ArchiveInfo(basename, False, manifest, config)
 
     def _inspect(self, path: Path, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        with open_reader(path, kind) as reader:
+        with open_reader(path, kind, self._check_total) as reader:
             members = self._checked_members(reader)
             root = model_root(members)
             manifest = parse_manifest(reader.read(_join(root, MANIFEST), METADATA_LIMIT))
             return manifest, _read_config(reader, root, manifest)
 
     def _checked_members(self, reader: Reader) -> list[Member]:
-        members = reader.members(self._limits.max_archive_entries)
-        unpack.check(members, self._limits.max_archive_entries, self._limits.max_archive_bytes)
+        limits = self._limits
+        members = reader.members(limits.max_archive_entries)
+        unpack.check(
+            members,
+            limits.max_archive_entries,
+            limits.max_archive_bytes,
+            reader.packed_bytes,
+            limits.max_ratio,
+            limits.ratio_free_bytes,
+        )
         return members
+
+    def _check_total(self, total: int, packed_bytes: int | None) -> None:
+        """``unpack.check_total`` with this store's limits (a tar.gz's running total)."""
+        limits = self._limits
+        unpack.check_total(
+            total, limits.max_archive_bytes, packed_bytes, limits.max_ratio, limits.ratio_free_bytes
+        )
 
     # -- remove / extract ---------------------------------------------------------------
 
@@ -194,7 +228,7 @@ class ModelStore:
             raise ValueError("extract needs an existing, empty destination directory")
         kind = "dir" if path.is_dir() else _kind(archive)
         try:
-            with open_reader(path, kind) as reader:
+            with open_reader(path, kind, self._check_total) as reader:
                 members = self._checked_members(reader)
                 reader.extract(members, dest, self._limits.max_archive_bytes)
         except BaseException:
@@ -294,6 +328,10 @@ def _basename(url: str) -> str:
     if any("/" in text or "\\" in text for text in decodings(raw)):
         raise _relative(url)
     return unquote(raw) if "://" in url else raw
+
+
+def _too_long(basename: str) -> bool:
+    return len(os.fsencode(basename)) > NAME_MAX
 
 
 def _kind(name: str) -> str:

@@ -172,10 +172,10 @@ def stop() -> None:
 
 @cli.command()
 def status() -> None:
-    """Print whether the server runs; exit 0 only when it is running and ready."""
-    state, pid = launcher.status(home_from_env())
-    click.echo(f"mqserve is {state}" + (f" (pid {pid})" if pid is not None else ""))
-    raise SystemExit(0 if state == "running" else 1)
+    """Print what runs (from the pid files); exit 0 only when every process is up."""
+    state, healthy = launcher.status(home_from_env())
+    click.echo(f"mqserve is {state}")
+    raise SystemExit(0 if healthy else 1)
 
 
 @cli.command()

@@ -3,14 +3,19 @@
 ::
 
     redis/           Redis data directory (append-only file: the registry survives restarts)
-    run/             pid files, settings.json, ready, and the Redis unix socket redis.sock
+    run/             one pid file per process (mqserve.pid for the launcher, then redis.pid,
+                     management.pid, inference.pid, metrics.pid, supervisor.pid), settings.json,
+                     ready, stopped (why the stack last stopped by itself), the socket redis.sock
     logs/            one log per process: mqserve.log, redis.log, management.log, ...
     models/          archives unpacked for this stack's workers: <host>/<model>/<version>/
                      (workers.launch.ModelFiles; mode 0700, removed with the last worker)
     key_file.json    the operator's API keys (deleted on stop, as TorchServe does)
 
 A pid file holds the pid and the process start time, so that a pid reused by an
-unrelated process after a crash is never taken for ours (and never signalled).
+unrelated process after a crash is never taken for ours (and never signalled). The
+launcher rewrites a child's pid file when it restarts it and removes it once the child
+is stopped, so the files are the truth about what runs even after the launcher died:
+``mqserve status`` reads them, and ``mqserve stop`` stops what they name.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +72,11 @@ class Home:
         return self.run_dir / "ready"
 
     @property
+    def stopped_file(self) -> Path:
+        """Why the launcher last stopped the stack by itself (a child crash-looped)."""
+        return self.run_dir / "stopped"
+
+    @property
     def key_file(self) -> Path:
         return self.root / "key_file.json"
 
@@ -85,26 +96,40 @@ class Home:
         for path in (self.root, self.redis_dir, self.run_dir, self.root / "logs"):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
+    def recorded(self) -> list[tuple[str, int | None]]:
+        """Every child recorded in ``run/*.pid`` but the runner: ``(name, live pid or None)``."""
+        return [
+            (path.stem, live_pid(path))
+            for path in sorted(self.run_dir.glob("*.pid"))
+            if path.stem != RUNNER
+        ]
+
     def children(self) -> list[tuple[str, int]]:
         """Live processes recorded in ``run/*.pid`` other than the runner: ``(name, pid)``."""
-        found = []
-        for path in sorted(self.run_dir.glob("*.pid")):
-            pid = live_pid(path)
-            if path.stem != RUNNER and pid is not None:
-                found.append((path.stem, pid))
-        return found
+        return [(name, pid) for name, pid in self.recorded() if pid is not None]
 
-    def kill_children(self) -> list[str]:
-        """SIGKILL the children a dead runner left behind and forget them; their names."""
-        killed = []
-        for name, pid in self.children():
-            signal_group(pid, signal.SIGKILL)
-            wait_gone(pid, 10.0)
-            killed.append(f"{name} (pid {pid})")
+    def stop_children(
+        self, grace: float, last: Sequence[str] = (), last_grace: float = 30.0
+    ) -> list[tuple[str, int]]:
+        """Stop the recorded children a dead runner left behind, then forget them.
+
+        Every child but those named in ``last`` is sent SIGTERM at once and given
+        ``grace`` seconds; then the ones in ``last`` (Redis, which the others need while
+        they drain) get ``last_grace`` seconds. Whatever still runs after its
+        grace, and every process that was below a child when the stop began (its
+        workers), is SIGKILLed, so nothing recorded is left running. Returns the
+        ``(name, pid)`` of each child that was alive.
+        """
+        alive_now = self.children()
+        first = [pid for name, pid in alive_now if name not in last]
+        then = [pid for name, pid in alive_now if name in last]
+        for group, seconds in ((first, grace), (then, last_grace)):
+            if group:
+                terminate(group, seconds)
         for path in self.run_dir.glob("*.pid"):
             if path.stem != RUNNER:
                 path.unlink(missing_ok=True)
-        return killed
+        return alive_now
 
 
 def write_private(path: Path, text: str) -> None:
@@ -150,6 +175,35 @@ def wait_gone(pid: int, timeout: float) -> bool:
             return False
         time.sleep(POLL_S)
     return True
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """The processes below ``pid`` now (empty when it is gone)."""
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def terminate(pids: Sequence[int], grace: float) -> None:
+    """SIGTERM each process group led by ``pids``; SIGKILL what remains after ``grace`` s.
+
+    What remains includes every descendant seen before the SIGTERM, even one in a
+    session of its own (a model worker): a stop leaves nothing of these processes.
+    """
+    below = [proc for pid in pids for proc in descendants(pid)]
+    for pid in pids:
+        signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        if not wait_gone(pid, max(deadline - time.monotonic(), 0.0)):
+            signal_group(pid, signal.SIGKILL)
+            wait_gone(pid, 10.0)
+    for proc in below:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.kill()
+    psutil.wait_procs(below, timeout=10.0)
 
 
 def signal_group(pid: int, sig: signal.Signals) -> None:

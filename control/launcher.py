@@ -1,10 +1,15 @@
 """``mqserve start|stop|status``: run a :class:`~control.stack.Stack` and find it again.
 
 :func:`run` is the foreground runner: it starts the stack (Redis, the keys, the API
-servers), registers the startup models, writes ``run/ready`` (layout in
-:mod:`control.home`), and on SIGTERM/SIGINT, or when any child dies, stops the
-children in reverse order. :func:`start` runs it in the foreground or detached;
-:func:`stop` and :func:`status` find it through ``run/mqserve.pid``.
+servers, the supervisor), registers the startup models, writes ``run/ready`` (layout in
+:mod:`control.home`), restarts a child that exits unexpectedly (with back-off,
+:mod:`control.restart`), and stops the children on SIGTERM/SIGINT or once one of them
+crash-loops (the reason goes to ``run/stopped`` and the log). :func:`start` runs it in
+the foreground or detached.
+
+:func:`status` and :func:`stop` read the pid files, so they tell and stop the truth
+even after the runner was killed: :func:`stop` returns within ``stop_grace`` + 60 s,
+whatever the workers are doing.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import redis
 
@@ -34,6 +40,7 @@ from control.settings import Settings
 from control.stack import (
     API_PORTS,
     REDIS_STOP_TIMEOUT_S,
+    SUPERVISOR_STOP_MARGIN_S,
     Interrupted,
     LaunchError,
     Stack,
@@ -52,6 +59,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: How long a detached ``mqserve start`` waits for ``run/ready``.
 READY_TIMEOUT_S = 300.0
@@ -151,6 +159,7 @@ def run(settings: Settings, with_supervisor: bool = True) -> int:
     stack.home.make()
     with _exclusive(stack.home), _stop_signals(stack.request_stop):
         _refuse_if_running(stack.home)
+        stack.home.stopped_file.unlink(missing_ok=True)
         homes.write_pid(stack.home.pid_file, os.getpid())
         try:  # the signal handlers stay in place so that a second ^C cannot cut the stop short
             try:
@@ -159,7 +168,14 @@ def run(settings: Settings, with_supervisor: bool = True) -> int:
                 log.info("stop requested during startup")
                 return 0
             log.info("mqserve is ready (home %s)", stack.home.root)
-            return stack.watch()
+            code = stack.watch()
+            if stack.failure is not None:  # for `mqserve status`, which outlives this run
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                log_path = stack.home.log_of(homes.RUNNER)
+                homes.write_private(
+                    stack.home.stopped_file, f"{stamp}: {stack.failure}; see {log_path}\n"
+                )
+            return code
         finally:
             stack.stop()
             stack.home.pid_file.unlink(missing_ok=True)
@@ -210,35 +226,56 @@ def start(settings: Settings, foreground: bool) -> int:
 
 
 def stop(home_dir: Path) -> int:
-    """``mqserve stop``: stop the runner, or what a killed runner left behind.
+    """``mqserve stop``: stop the runner and every child recorded in ``run/*.pid``.
 
-    Returns 1 (after printing "mqserve is not running") when there was nothing to stop.
+    With a live runner: SIGTERM, and SIGKILL if it has not stopped its children within
+    :func:`stop_budget`. Then (and when the runner was already gone) every recorded
+    child still alive gets SIGTERM, ``stop_grace`` + 10 s, and SIGKILL with whatever
+    was below it; Redis last, with 30 s of its own. Either way this takes at most
+    ``stop_grace`` + 60 s while the children obey SIGKILL (a runner that hung would add
+    its :func:`stop_budget`). Returns 1 (after printing "mqserve is not running") when
+    there was nothing to stop.
     """
     home = Home.at(home_dir)
+    settings = _recorded_settings(home)
     pid = homes.live_pid(home.pid_file)
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
-        if not homes.wait_gone(pid, _stop_budget(home)):
+        if not homes.wait_gone(pid, stop_budget(settings)):
             print(f"mqserve (pid {pid}) did not stop in time; killing it", file=sys.stderr)
             homes.signal_group(pid, signal.SIGKILL)
             homes.wait_gone(pid, 10.0)
-    leftovers = home.kill_children()
+    grace = settings.stop_grace + SUPERVISOR_STOP_MARGIN_S
+    leftovers = home.stop_children(grace, ("redis",), REDIS_STOP_TIMEOUT_S)
     for path in (home.pid_file, home.ready_file, home.key_file):
         path.unlink(missing_ok=True)
     if pid is None and not leftovers:
         print("mqserve is not running", file=sys.stderr)
         return 1
-    print("mqserve stopped" if pid is not None else f"stopped leftover {', '.join(leftovers)}")
+    if pid is not None:
+        print("mqserve stopped")
+    else:
+        named = ", ".join(f"{name} (pid {child})" for name, child in _in_order(leftovers))
+        print(f"stopped what the launcher left: {named}")
     return 0
 
 
-def _stop_budget(home: Home) -> float:
-    """Seconds the runner may take to stop: every child's grace period, plus margin."""
+def _in_order(items: Sequence[tuple[str, T]]) -> list[tuple[str, T]]:
+    """``(name, ...)`` pairs in :data:`CHILD_ORDER`; unknown names last, by name."""
+    rank = {name: i for i, name in enumerate(CHILD_ORDER)}
+    return sorted(items, key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
+
+def _recorded_settings(home: Home) -> Settings:
     try:
-        settings = Settings.from_json(home.settings_file.read_text())
+        return Settings.from_json(home.settings_file.read_text())
     except (OSError, ValueError):
-        settings = Settings()
-    return settings.unregister_model_timeout + 15 + REDIS_STOP_TIMEOUT_S + 15
+        return Settings()
+
+
+def stop_budget(settings: Settings) -> float:
+    """Seconds a runner may take to stop: the children's bound, then Redis's, plus margin."""
+    return settings.stop_grace + SUPERVISOR_STOP_MARGIN_S + REDIS_STOP_TIMEOUT_S + 15
 
 
 def api_answers(settings: Settings) -> list[str]:
@@ -246,10 +283,36 @@ def api_answers(settings: Settings) -> list[str]:
     return [which for which in API_PORTS if not answers_http(*settings.bind(which))]
 
 
-def status(home_dir: Path) -> tuple[str, int | None]:
-    """``("running" | "starting" | "not running", pid)`` of the stack in ``home_dir``."""
+#: The order ``mqserve status`` names the children in (their start order).
+CHILD_ORDER = ("redis", *API_PORTS, "supervisor")
+
+
+def status(home_dir: Path) -> tuple[str, bool]:
+    """What runs in ``home_dir``, in words, and whether the stack is healthy.
+
+    Healthy: the runner is alive, ready, and every child it recorded is alive. The
+    words are ``running (pid N)`` then; otherwise they name what is alive and what
+    is not, from the pid files, even when the runner is gone, and after a stack that
+    stopped itself, why (``run/stopped``).
+    """
     home = Home.at(home_dir)
     pid = homes.live_pid(home.pid_file)
-    if pid is None:
-        return "not running", None
-    return ("running" if home.ready_file.exists() else "starting"), pid
+    recorded = _in_order(home.recorded())
+    alive = ", ".join(name for name, child in recorded if child is not None)
+    dead = ", ".join(name for name, child in recorded if child is None)
+    try:
+        stopped = home.stopped_file.read_text().strip()
+    except OSError:
+        stopped = ""
+    if pid is not None:
+        if stopped:
+            return f"stopping (pid {pid}; {stopped})", False
+        if not home.ready_file.exists():
+            return f"starting (pid {pid})", False
+        if dead:
+            return f"running (pid {pid}; {dead} not running, being restarted)", False
+        return f"running (pid {pid})", True
+    if alive:
+        missing = f"; {dead} not running" if dead else ""
+        return f"running (launcher gone; {alive} alive{missing}; run `mqserve stop`)", False
+    return "not running" + (f" ({stopped})" if stopped else ""), False

@@ -5,6 +5,10 @@ TorchServe never answers 400 for a malformed number or boolean: integers that Ja
 ``true`` in any case (``Boolean.parseBoolean``). The first value of a repeated query
 parameter wins. JSON bodies (``Content-Type: application/json`` on register) accept
 numbers, numeric strings and booleans, as Gson's lenient reader does.
+
+Beyond TorchServe, :meth:`Params.count` bounds worker counts: a count that is a whole
+number but above the server's maximum is a 400 instead of the default, since a client
+asking for three billion workers made a mistake that must not pass silently.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from control.errors import BadRequestException
+
 _JAVA_INT = re.compile(r"[+-]?[0-9]+")
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+#: Digit strings longer than this are not converted (see :meth:`Params.whole`).
+_LONGEST = 64
+_HUGE = 10**64
 
 
 class Params:
@@ -50,19 +59,49 @@ class Params:
         return str(value)
 
     def integer(self, name: str, default: int) -> int:
-        """``Integer.parseInt`` semantics: a 32-bit decimal integer, else ``default``."""
+        """``Integer.parseInt`` semantics: a 32-bit decimal integer, else ``default``.
+
+        A JSON number counts when it is integral (``3`` or ``3.0``) and in range, so
+        ``3e9`` falls back to ``default`` as ``"3000000000"`` does.
+        """
+        number = self.whole(name)
+        return number if number is not None and _INT_MIN <= number <= _INT_MAX else default
+
+    def whole(self, name: str) -> int | None:
+        """The value as a whole number of any size, or ``None`` when absent or not one.
+
+        Accepts what :meth:`integer` accepts, without its 32-bit range: a decimal string
+        (optional sign) or an integral JSON number. Booleans, fractions, ``NaN`` and
+        infinities are not whole numbers.
+        """
         value = self._values.get(name)
         if isinstance(value, bool) or value is None:
-            return default
+            return None
         if isinstance(value, int):
-            return value if _INT_MIN <= value <= _INT_MAX else default
+            return value
         if isinstance(value, float):
-            return int(value) if value.is_integer() else default
+            return int(value) if value.is_integer() else None
         text = str(value)
         if not _JAVA_INT.fullmatch(text):
-            return default
-        number = int(text)
-        return number if _INT_MIN <= number <= _INT_MAX else default
+            return None
+        digits = text.lstrip("+-").lstrip("0") or "0"
+        sign = -1 if text.startswith("-") else 1
+        if len(digits) > _LONGEST:
+            # Python refuses to convert very long digit strings (CVE-2020-10735); any
+            # value this long is far out of every range, so a stand-in of its sign will do.
+            return sign * _HUGE
+        return sign * int(digits)
+
+    def count(self, name: str, default: int, maximum: int) -> int:
+        """A worker count: :meth:`integer` semantics, but a whole number above ``maximum``
+        (however large) raises a 400 ``<name> cannot be more than <maximum>.``.
+
+        Negative and other small values are returned as they are, for the caller's rules.
+        """
+        number = self.whole(name)
+        if number is not None and number > maximum:
+            raise BadRequestException(f"{name} cannot be more than {maximum}.")
+        return self.integer(name, default)
 
     def boolean(self, name: str, default: bool) -> bool:
         """``Boolean.parseBoolean`` semantics when present: only ``true`` is true."""

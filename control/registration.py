@@ -8,6 +8,16 @@ Pure functions, no I/O. The rules follow TorchServe's code, not its docs
   (120 when the key is absent) and the REST value is ignored; else REST, else the
   server default;
 * workers: yaml ``minWorkers`` > 0 and ``maxWorkers`` >= it win over ``initial_workers``.
+
+Bounds beyond TorchServe (each a 400, before any I/O where the request alone decides):
+
+* ``initial_workers``, and the yaml's ``minWorkers``/``maxWorkers`` when they win, at most
+  ``Settings.max_workers_per_model``;
+* ``response_timeout``: positive, or TorchServe's ``-1`` (the default); ``startup_timeout``:
+  ``0`` (fail at once, as in TorchServe), positive, or ``-1``; both at most ``2**31 - 1``
+  (Java's ``int``);
+* ``url``: at most :data:`MAX_URL_LENGTH` characters (Netty's longest request line, so a
+  JSON body cannot carry a longer url than a query string can).
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ from control.spec import VALID_RUNTIMES, ModelSpec, check_model_name, check_mode
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120
+#: Longest ``url`` accepted: TorchServe's (Netty's) longest initial request line.
+MAX_URL_LENGTH = 4096
+#: Java's largest ``int``: TorchServe's limit for every timeout and yaml number.
+_JAVA_INT_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -43,15 +57,21 @@ class RegisterRequest:
 
 
 def parse_register(params: Params, settings: Settings) -> RegisterRequest:
-    """Validate what TorchServe validates (url present, runtime name) and nothing more."""
+    """Validate what TorchServe validates (url present, runtime name) and the bounds of
+    the module docstring; raise a 400 :class:`BadRequestException` for any violation."""
     url = params.text("url")
     if url is None:
         raise BadRequestException("Parameter url is required.")
+    if len(url) > MAX_URL_LENGTH:
+        raise BadRequestException(f"Parameter url is longer than {MAX_URL_LENGTH} characters.")
     runtime = params.text("runtime")
     if runtime is not None and runtime not in VALID_RUNTIMES:
         raise BadRequestException(f"Invalid RuntimeType value: {runtime}")
-    response_timeout = params.integer("response_timeout", -1)
-    startup_timeout = params.integer("startup_timeout", -1)
+    response_timeout = _timeout(params, "response_timeout", allow_zero=False)
+    startup_timeout = _timeout(params, "startup_timeout", allow_zero=True)
+    initial_workers = params.count(
+        "initial_workers", settings.default_workers_per_model, settings.max_workers_per_model
+    )
     return RegisterRequest(
         url=url,
         model_name=params.text("model_name") or None,
@@ -59,13 +79,27 @@ def parse_register(params: Params, settings: Settings) -> RegisterRequest:
         runtime=runtime,
         batch_size=_given(params, "batch_size"),
         max_batch_delay=_given(params, "max_batch_delay"),
-        initial_workers=max(
-            params.integer("initial_workers", settings.default_workers_per_model), 0
-        ),
+        initial_workers=max(initial_workers, 0),
         synchronous=params.boolean("synchronous", True),
-        response_timeout=None if response_timeout == -1 else response_timeout,
-        startup_timeout=None if startup_timeout < 0 else startup_timeout,
+        response_timeout=response_timeout,
+        startup_timeout=startup_timeout,
     )
+
+
+def _timeout(params: Params, name: str, allow_zero: bool) -> int | None:
+    """A timeout in seconds; ``None`` for absent, not a number, or ``-1`` (TorchServe's
+    "use the default"). Other values below the allowed minimum, or above Java's ``int``,
+    are a 400: a timeout of -5 s or 0 s would fail every request of the model."""
+    value = params.whole(name)
+    if value is None or value == -1:
+        return None
+    lowest = 0 if allow_zero else 1
+    if not lowest <= value <= _JAVA_INT_MAX:
+        allowed = "0 or more" if allow_zero else "positive"
+        raise BadRequestException(
+            f"{name} must be {allowed} and at most {_JAVA_INT_MAX}, or -1 for the default."
+        )
+    return value
 
 
 def _given(params: Params, name: str) -> int | None:
@@ -118,9 +152,16 @@ def build_spec(
         startup_timeout = _or(req.startup_timeout, settings.default_startup_timeout)
 
     min_workers = max_workers = req.initial_workers
-    yaml_min, yaml_max = yaml.integer("minWorkers"), yaml.integer("maxWorkers")
+    # Unbounded reads: a worker count too large is refused below, not ignored.
+    yaml_min = yaml.integer("minWorkers", java_range=False)
+    yaml_max = yaml.integer("maxWorkers", java_range=False)
     if yaml_min is not None and yaml_min > 0 and yaml_max is not None and yaml_max >= yaml_min:
         min_workers, max_workers = yaml_min, yaml_max
+        if max_workers > settings.max_workers_per_model:  # minWorkers <= maxWorkers here
+            key = "minWorkers" if min_workers > settings.max_workers_per_model else "maxWorkers"
+            raise InvalidModelException(
+                f"model-config.yaml {key} cannot be more than {settings.max_workers_per_model}."
+            )
 
     spec = ModelSpec(
         model_name=name,
@@ -166,12 +207,17 @@ class _YamlConfig:
     def __init__(self, data: dict[str, Any]) -> None:
         self._data = data
 
-    def integer(self, key: str) -> int | None:
+    def integer(self, key: str, java_range: bool = True) -> int | None:
+        """The integer at ``key``; ``None`` (logged) for another type, or, with
+        ``java_range``, for a value outside Java's ``int`` (TorchServe's fields)."""
         value = self._data.get(key)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             log.warning("model-config.yaml: %s must be an integer; ignored", key)
+            return None
+        if java_range and not -_JAVA_INT_MAX - 1 <= value <= _JAVA_INT_MAX:
+            log.warning("model-config.yaml: %s is out of range; ignored", key)
             return None
         return value
 

@@ -133,8 +133,10 @@ class ManagementService:
 
     def scale(self, name: str, version: str | None, params: Params) -> tuple[int, str]:
         """``PUT /models/{name}[/{version}]``: set desired workers, optionally wait."""
-        min_workers = params.integer("min_worker", 1)
-        max_workers = params.integer("max_worker", min_workers)
+        # Above max_workers_per_model is a 400 (``Params.count``), checked before any write.
+        most = self.settings.max_workers_per_model
+        min_workers = params.count("min_worker", 1, most)
+        max_workers = params.count("max_worker", min_workers, most)
         synchronous = params.boolean("synchronous", False)
         if version is None:
             version = params.text("model_version") or None

@@ -47,6 +47,10 @@ class Settings:
     disable_token_authorization: bool = False
     token_expiration_min: float = 60.0
     default_workers_per_model: int = 0
+    #: ``max_workers_per_model``: the most workers one model version may ask for
+    #: (``initial_workers``, model-config.yaml ``minWorkers``/``maxWorkers``, scale
+    #: ``min_worker``/``max_worker``); more is a 400. TorchServe has no such bound.
+    max_workers_per_model: int = 64
     job_queue_size: int = 100
     #: Answer to a full queue: TorchServe's 503, or 429 with ``Retry-After`` for clients
     #: that want honest back-pressure (config key ``queue_full_status``).
@@ -72,6 +76,10 @@ class Settings:
     #: threads per process on every port.
     api_processes: int = 2
     api_threads: int = 16
+    #: ``stop_grace`` (seconds): how long a stopping supervisor lets its workers finish
+    #: their requests, and a stopping API server its in-flight calls (a synchronous
+    #: register included), before SIGKILL. Bounds ``mqserve stop`` (``control.launcher``).
+    stop_grace: int = 30
     #: ``metrics_config``: a TorchServe metrics.yaml whose ``model_metrics`` are the
     #: handler metrics the page shows (None: the default one, TorchServe 0.12's). A
     #: relative path in config.properties is taken from the working directory.
@@ -146,11 +154,13 @@ def parse_address(address: str) -> tuple[str, int]:
 _INT_KEYS = {
     "queue_full_status",
     "default_workers_per_model",
+    "max_workers_per_model",
     "job_queue_size",
     "max_request_size",
     "default_response_timeout",
     "default_startup_timeout",
     "unregister_model_timeout",
+    "stop_grace",
 }
 _STR_KEYS = {
     "worker_start_method",
@@ -230,6 +240,10 @@ def validate(settings: Settings) -> None:
         raise SettingsError("max_request_size must be positive")
     if settings.job_queue_size <= 0:
         raise SettingsError("job_queue_size must be positive")
+    if settings.max_workers_per_model <= 0:
+        raise SettingsError("max_workers_per_model must be positive")
+    if settings.default_workers_per_model > settings.max_workers_per_model:
+        raise SettingsError("default_workers_per_model cannot be more than max_workers_per_model")
     if settings.queue_full_status not in (429, 503):
         raise SettingsError("queue_full_status must be 503 (TorchServe) or 429")
     if settings.worker_start_method not in ("fork", "exec"):

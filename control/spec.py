@@ -20,6 +20,10 @@ from control.errors import InvalidModelException
 MODEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*")
 #: Versions as archives write them (``1.0``, ``2.1-beta``, ``3+cu121``); no ``:`` or ``/``.
 MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*")
+#: Longest model name and version (both ASCII). Each becomes one directory name under
+#: ``$MQSERVE_HOME/models/<host>/<model>/<version>/`` (file names have at most 255
+#: bytes; ``.<tag>.lock`` files sit beside versions), and both appear in Redis keys and
+#: in the Celery queue name ``mqs.q.<model>.<version>``, which stay well within limits.
 MAX_NAME_LENGTH = 200
 
 VALID_RUNTIMES = ("python", "python3", "LSP")

@@ -4,12 +4,16 @@ A :class:`Child` is one process: its argv, a readiness probe, and its start and 
 deadlines. :func:`api_children` lists the processes started after Redis, in order;
 adding a process to every stack is one entry there. :class:`Stack` starts them one
 after the other, each in a session of its own (a terminal's ^C reaches only the
-runner, which decides the order of shutdown), watches them, and stops them in
-reverse order.
+runner, which decides the order of shutdown), and watches them: a child that exits
+unexpectedly is restarted after a back-off (:class:`control.restart.RestartPolicy`),
+its exit code or signal and the tail of its log in the runner's log, and a child that
+keeps crashing stops the stack. Stopping sends SIGTERM to every child but Redis at
+once, gives them ``stop_grace`` (plus a margin) before SIGKILL, then stops Redis.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import logging
@@ -22,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,8 +34,17 @@ import redis
 
 from control import keys
 from control.auth import KeyStore
-from control.home import POLL_S, Home, signal_group, tail, write_pid, write_private
+from control.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS
+from control.home import (
+    POLL_S,
+    Home,
+    tail,
+    terminate,
+    write_pid,
+    write_private,
+)
 from control.redis_io import redis_client
+from control.restart import RestartPolicy
 from control.server import SETTINGS_ENV
 from control.settings import Settings
 
@@ -42,6 +55,11 @@ SOCKET_PATH_MAX = 107
 REDIS_START_TIMEOUT_S = 30.0
 REDIS_STOP_TIMEOUT_S = 30.0
 API_START_TIMEOUT_S = 60.0
+#: What a stopping supervisor may take beyond ``stop_grace``: SIGKILLing its workers and
+#: giving up its leases in Redis.
+SUPERVISOR_STOP_MARGIN_S = 10
+#: How often :meth:`Stack.watch` looks at its children.
+WATCH_S = 0.2
 
 #: Work done once every child is up, before the stack counts as ready.
 AfterStart = Callable[[Settings, redis.Redis], None]
@@ -125,6 +143,10 @@ class Child:
     start_timeout: float = API_START_TIMEOUT_S
     #: Seconds between SIGTERM and SIGKILL when stopping.
     stop_timeout: float = 30.0
+    #: Kill what is left of the child's process group when it crashes (gunicorn's
+    #: workers, which would keep the port). Not for the supervisor: its model workers
+    #: live in sessions of their own and are adopted by the restarted supervisor.
+    kill_group_on_exit: bool = True
 
 
 @dataclass
@@ -134,6 +156,10 @@ class Running:
     log: Path
     #: Where this run's output starts in the (appended) log.
     log_start: int
+    #: Monotonic times of the child's crashes, for the restart policy.
+    crashes: list[float] = field(default_factory=list)
+    #: When a crashed child is due to be restarted; None while it runs.
+    restart_at: float | None = None
 
     def log_tail(self) -> str:
         return f"last lines of {self.log}:\n{tail(self.log, since=self.log_start)}"
@@ -173,14 +199,18 @@ def api_child(settings: Settings, home: Home, which: str) -> Child:
     """
     host, port = settings.bind(which)
     ensure_free(host, port, f"{which}_address")
-    graceful = settings.unregister_model_timeout + 10
+    # In-flight calls (a synchronous register waiting for its workers) get stop_grace
+    # seconds once the stack stops; one still waiting then is cut off (its registration
+    # stays in the registry).
+    graceful = settings.stop_grace
     # Metrics are scraped rarely: one process's threads serve them and save ~45 MiB.
     # Inference and management (describe is a hot read for some clients) use several.
     processes = 1 if which == "metrics" else settings.api_processes
     argv = (
         sys.executable, "-m", "gunicorn", f"control.server:{which}_app()",
         "--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-        "-k", "gthread", "--workers", str(processes),
+        # gthread, answering unparsable or over-long requests in JSON (control.gunicorn_worker)
+        "-k", WORKER_CLASS, *LIMIT_ARGS, "--workers", str(processes),
         "--threads", str(settings.api_threads), "--no-control-socket",
         "--graceful-timeout", str(graceful), "--timeout", "30", "--access-logfile", "-",
     )  # fmt: skip
@@ -208,8 +238,12 @@ def supervisor_child(settings: Settings, home: Home) -> Child:
         finally:
             client.close()
 
-    # Stopping drains the workers: each may finish a request of up to response_timeout.
-    return Child("supervisor", argv, ready, None, stop_timeout=180.0)
+    # Stopping drains the workers for stop_grace s, then SIGKILLs them (workers.main);
+    # the margin covers giving up its leases in Redis.
+    return Child(
+        "supervisor", argv, ready, None,
+        stop_timeout=settings.stop_grace + SUPERVISOR_STOP_MARGIN_S, kill_group_on_exit=False,
+    )  # fmt: skip
 
 
 API_PORTS = ("management", "inference", "metrics")
@@ -238,8 +272,14 @@ class Stack:
         settings: Settings,
         after_start: AfterStart | None = None,
         with_supervisor: bool = True,
+        policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.home = Home.at(settings.home)
+        self.policy = policy or RestartPolicy()
+        self._clock = clock
+        #: Why :meth:`watch` gave up (a child crash-looped); None otherwise.
+        self.failure: str | None = None
         self._with_supervisor = with_supervisor
         self._after_start = after_start
         self.settings = settings.replace(home=self.home.root)
@@ -286,7 +326,7 @@ class Stack:
         else:  # keys left by an earlier run would mislead the operator
             self.settings.key_file.unlink(missing_ok=True)
 
-    def _launch(self, child: Child) -> None:
+    def _spawn(self, child: Child) -> Running:
         path = self.home.log_of(child.name)
         with path.open("ab") as out:
             start = out.tell()  # before the child shares (and moves) this offset
@@ -294,10 +334,13 @@ class Stack:
                 child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        running = Running(child, proc, path, start)
-        self._running.append(running)
         write_pid(self.home.pid_of(child.name), proc.pid)
         log.info("started %s (pid %d)", child.name, proc.pid)
+        return Running(child, proc, path, start)
+
+    def _launch(self, child: Child) -> None:
+        running = self._spawn(child)
+        self._running.append(running)
         deadline = time.monotonic() + child.start_timeout
         while not child.ready():
             self._check_children()
@@ -319,29 +362,87 @@ class Stack:
                 )
 
     def watch(self) -> int:
-        """Block until a stop is requested (0) or a child dies (1)."""
-        while not self._stop.wait(0.2):
-            try:
-                self._check_children()
-            except LaunchError as exc:
-                log.error("%s\nstopping mqserve", exc)
+        """Restart crashed children until a stop is requested (0) or one crash-loops (1).
+
+        A child that exits is restarted after :attr:`policy`'s back-off (its readiness
+        is not awaited: a restart that crashes again is just the next crash); the
+        ``limit``-th crash within the window sets :attr:`failure` and returns 1.
+        """
+        while not self._stop.wait(WATCH_S):
+            if not self.check(self._clock()):
                 return 1
         return 0
 
+    def check(self, now: float) -> bool:
+        """One look at every child: note crashes, restart those due; False to give up."""
+        for running in self._running:
+            if running.restart_at is not None:
+                if now >= running.restart_at:
+                    self._restart(running)
+                continue
+            code = running.proc.poll()
+            if code is not None and not self._crashed(running, code, now):
+                return False
+        return True
+
+    def _crashed(self, running: Running, code: int, now: float) -> bool:
+        name, reason = running.child.name, exit_reason(code)
+        if running.child.kill_group_on_exit:  # leftovers would hold the port or the socket
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(running.proc.pid, signal.SIGKILL)
+        running.crashes.append(now)
+        delay = self.policy.decide(running.crashes, now)
+        if delay is None:
+            self.failure = (
+                f"{name} crashed {self.policy.describe()} (last: {reason}); mqserve stopped itself"
+            )
+            log.error("%s; %s", self.failure, running.log_tail())
+            return False
+        running.restart_at = now + delay
+        log.error(
+            "%s exited unexpectedly (%s); restarting it in %g s; %s",
+            name, reason, delay, running.log_tail(),
+        )  # fmt: skip
+        return True
+
+    def _restart(self, running: Running) -> None:
+        running.restart_at = None
+        try:
+            fresh = self._spawn(running.child)
+        except OSError as exc:  # counts as a crash: the policy decides whether to retry
+            log.error("cannot restart %s: %s", running.child.name, exc)
+            running.restart_at = self._clock() + self.policy.first_delay
+            return
+        running.proc, running.log_start = fresh.proc, fresh.log_start
+
     def stop(self) -> None:
-        """Stop the children in reverse order: SIGTERM, grace period, SIGKILL."""
-        while self._running:
-            running = self._running.pop()
-            name, proc = running.child.name, running.proc
-            if proc.poll() is None:
-                signal_group(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(running.child.stop_timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in time; killing it", name)
-                    signal_group(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            log.info("stopped %s (exit code %s)", name, proc.returncode)
-            self.home.pid_of(name).unlink(missing_ok=True)
+        """Stop every child: all but Redis at once, then Redis (the others need it to drain).
+
+        Each group gets SIGTERM, then its longest ``stop_timeout``, then SIGKILL for
+        itself and every process that was below it (model workers included).
+        """
+        others = [r for r in self._running if r.child.name != "redis"]
+        last = [r for r in self._running if r.child.name == "redis"]
+        for group in (others, last):
+            live = [r for r in group if r.proc.poll() is None]
+            if live:
+                terminate([r.proc.pid for r in live], max(r.child.stop_timeout for r in live))
+            for running in group:
+                running.proc.wait()
+                log.info(
+                    "stopped %s (%s)", running.child.name, exit_reason(running.proc.returncode)
+                )
+                self.home.pid_of(running.child.name).unlink(missing_ok=True)
+        self._running.clear()
         self.home.ready_file.unlink(missing_ok=True)
         self.settings.key_file.unlink(missing_ok=True)
+
+
+def exit_reason(code: int) -> str:
+    """``exit code 1`` or ``killed by SIGKILL``, from a ``Popen.returncode``."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"

@@ -10,6 +10,14 @@ archive records: directories are 0700, files keep at most their owner's bits (06
 0700 for an executable tar member), so a model's files never become readable by other
 users on the host. Every failure is an :class:`InvalidModelException` whose message
 names a reason, never a path.
+
+Zip bombs are refused from what the archive declares, before anything is decompressed:
+a zip member's declared size against its compressed size, and the declared total of any
+archive against the archive file's size (:func:`check`, :func:`check_total`). A tar.gz
+can only be listed by decompressing it, so :class:`TarReader` applies ``check_total``
+to the running total and stops listing at the first member past it. Declared sizes are
+what extraction writes at most (zip members are cut at their declared size; tar copies
+exactly it).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ OWNER_BITS = 0o700
 LINK_LIMIT = 4096
 
 Kind = Literal["file", "dir", "symlink", "hardlink", "other"]
+#: ``(declared total so far, archive file size)``; raises to refuse the archive.
+TotalCheck = Callable[[int, int | None], None]
 
 _SEPARATORS = re.compile(r"[/\\]")
 _DRIVE = re.compile(r"[A-Za-z]:")
@@ -68,10 +78,16 @@ class Member:
     kind: Kind
     size: int = 0
     target: str = ""
+    #: Compressed size of a zip member; ``None`` where members are not compressed one
+    #: by one (tar.gz, directories).
+    packed: int | None = None
 
 
 class Reader(Protocol):
     """One open archive."""
+
+    #: The archive file's size in bytes (compressed); ``None`` for a directory.
+    packed_bytes: int | None
 
     def members(self, max_entries: int) -> list[Member]:
         """All members; raises past ``max_entries`` without listing the rest."""
@@ -96,8 +112,21 @@ def parts(name: str) -> list[str]:
     return result
 
 
-def check(members: Sequence[Member], max_entries: int, max_bytes: int) -> None:
-    """Apply the member rules; raise on the first violation."""
+def check(
+    members: Sequence[Member],
+    max_entries: int,
+    max_bytes: int,
+    packed_bytes: int | None = None,
+    max_ratio: int | None = None,
+    ratio_free_bytes: int = 0,
+) -> None:
+    """Apply the member rules; raise on the first violation.
+
+    With ``max_ratio``, a zip member declaring more than ``ratio_free_bytes`` and more
+    than ``max_ratio`` times its compressed size is refused, and so is an archive whose
+    declared total is above both ``ratio_free_bytes`` and ``max_ratio`` times
+    ``packed_bytes`` (the archive file's size).
+    """
     if len(members) > max_entries:
         raise invalid("too many entries")
     total = 0
@@ -109,9 +138,31 @@ def check(members: Sequence[Member], max_entries: int, max_bytes: int) -> None:
             _check_link(member.name.rpartition("/")[0], member.target)
         elif member.kind == "hardlink":
             _check_link("", member.target)
+        if _bomb(member.size, member.packed, max_ratio, ratio_free_bytes):
+            raise invalid("member compression ratio exceeds the limit (zip bomb)")
         total += member.size
+    check_total(total, max_bytes, packed_bytes, max_ratio, ratio_free_bytes)
+
+
+def check_total(
+    total: int,
+    max_bytes: int,
+    packed_bytes: int | None = None,
+    max_ratio: int | None = None,
+    ratio_free_bytes: int = 0,
+) -> None:
+    """Refuse a declared total above ``max_bytes``, or a bomb's ratio (see :func:`check`)."""
     if total > max_bytes:
         raise invalid("unpacked size exceeds the limit")
+    if _bomb(total, packed_bytes, max_ratio, ratio_free_bytes):
+        raise invalid("compression ratio exceeds the limit (zip bomb)")
+
+
+def _bomb(size: int, packed: int | None, max_ratio: int | None, ratio_free_bytes: int) -> bool:
+    """True for ``size`` declared bytes from ``packed`` compressed ones past the ratio."""
+    if max_ratio is None or packed is None:
+        return False
+    return size > ratio_free_bytes and size > max_ratio * max(packed, 1)
 
 
 def _check_link(base: str, target: str) -> None:
@@ -146,17 +197,22 @@ def _too_many(count: int, max_entries: int) -> None:
 
 
 @contextmanager
-def open_reader(path: Path, kind: str) -> Iterator[Reader]:
-    """Open ``path`` as ``zip``, ``tar`` (gzip) or ``dir``; unreadable → 400."""
+def open_reader(path: Path, kind: str, total_check: TotalCheck | None = None) -> Iterator[Reader]:
+    """Open ``path`` as ``zip``, ``tar`` (gzip) or ``dir``; unreadable → 400.
+
+    ``total_check(total, packed_bytes)``: called by a tar.gz listing with the running
+    declared total, raising to stop it (:func:`check_total`); zip and directory
+    listings cost no decompression and are checked afterwards.
+    """
     try:
         if kind == "dir":
             yield DirReader(path)
         elif kind == "zip":
             with zipfile.ZipFile(path) as zf:
-                yield ZipReader(zf)
+                yield ZipReader(zf, os.path.getsize(path))
         else:
             with tarfile.open(path, "r:gz") as tf:
-                yield TarReader(tf)
+                yield TarReader(tf, os.path.getsize(path), total_check)
     except _UNREADABLE:
         raise invalid(_UNREADABLE_REASON.get(kind, "not a readable tar.gz file")) from None
 
@@ -165,9 +221,10 @@ def open_reader(path: Path, kind: str) -> Iterator[Reader]:
 
 
 class ZipReader:
-    def __init__(self, zf: zipfile.ZipFile) -> None:
+    def __init__(self, zf: zipfile.ZipFile, packed_bytes: int) -> None:
         self._zf = zf
         self._infos: dict[str, zipfile.ZipInfo] = {}
+        self.packed_bytes: int | None = packed_bytes
 
     def members(self, max_entries: int) -> list[Member]:
         infos = self._zf.infolist()
@@ -177,8 +234,10 @@ class ZipReader:
             name, kind = _normal(info.filename), _zip_kind(info)
             if kind == "symlink":
                 member = Member(name, kind, 0, self._link_text(info))
+            elif kind == "file":
+                member = Member(name, kind, info.file_size, packed=info.compress_size)
             else:
-                member = Member(name, kind, info.file_size if kind == "file" else 0)
+                member = Member(name, kind)
             self._infos[name] = info
             result.append(member)
         return result
@@ -217,16 +276,27 @@ def _zip_kind(info: zipfile.ZipInfo) -> Kind:
 
 
 class TarReader:
-    def __init__(self, tf: tarfile.TarFile) -> None:
+    def __init__(
+        self, tf: tarfile.TarFile, packed_bytes: int, total_check: TotalCheck | None = None
+    ) -> None:
         self._tf = tf
         self._infos: dict[str, tarfile.TarInfo] = {}
+        self.packed_bytes: int | None = packed_bytes
+        self._total_check = total_check
 
     def members(self, max_entries: int) -> list[Member]:
         result: list[Member] = []
-        for info in self._tf:  # streams: stops reading at the first entry too many
+        total = 0
+        # Streams: stops reading at the first entry too many, and before decompressing
+        # past a declared total that is already too large (skipping a member's data
+        # means inflating it).
+        for info in self._tf:
             _too_many(len(result) + 1, max_entries)
             name, kind = _normal(info.name), _tar_kind(info)
             size = info.size if kind == "file" else 0
+            total += size
+            if self._total_check is not None:
+                self._total_check(total, self.packed_bytes)
             self._infos[name] = info
             result.append(Member(name, kind, size, info.linkname))
         return result
@@ -285,6 +355,7 @@ def _tar_kind(info: tarfile.TarInfo) -> Kind:
 class DirReader:
     def __init__(self, top: Path) -> None:
         self._top = str(top)
+        self.packed_bytes: int | None = None
 
     def members(self, max_entries: int) -> list[Member]:
         result: list[Member] = []

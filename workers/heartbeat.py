@@ -4,14 +4,22 @@ The record expires three heartbeats after the process stops refreshing it, so a 
 hung worker disappears from describe and the supervisor notices, without any other
 liveness protocol. The heartbeat runs in a daemon thread: the GIL switch interval keeps
 it on time even during CPU-bound Python, and torch releases the GIL anyway.
+
+A worker that is alive but cannot serve must not say READY: each beat asks the
+liveness check given to :meth:`Reporter.watch` (the online loop's), and a serving
+worker whose check names a reason is published FAILED with that reason, which makes
+the supervisor replace it. The heartbeat outlives Redis outages: a beat that fails is
+retried on the next one, and the first beat after Redis returns re-creates the record
+(with its TTL) even if it expired meanwhile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psutil
@@ -19,6 +27,9 @@ import redis
 
 from control import observed
 from control.observed import WorkerRecord, WorkerState
+from workers.outage import Outage
+
+log = logging.getLogger(__name__)
 
 
 class Reporter:
@@ -34,20 +45,30 @@ class Reporter:
         self._busy = 0
         self._busy_since = 0.0
         self._extra_keys: list[tuple[str, int]] = []
+        self._liveness: Callable[[], str] | None = None
 
     @property
     def record(self) -> WorkerRecord:
         return self._record
 
     def set_state(self, state: WorkerState, reason: str = "") -> None:
-        """Record a state change now (not at the next beat)."""
+        """Record a state change and publish it now, or, while Redis is away, with the
+        next beat that reaches it (never raises for Redis)."""
         now = observed.now()
         memory = self._proc.memory_info().rss
         with self._lock:
             self._record = dataclasses.replace(
                 self._record, state=state, since=now, reason=reason, heartbeat=now, memory=memory
             )
-            observed.publish(self._r, self._record)
+            try:
+                observed.publish(self._r, self._record)
+            except redis.RedisError as exc:
+                log.warning("worker state %s not published yet (Redis): %r", state.value, exc)
+
+    def watch(self, liveness: Callable[[], str]) -> None:
+        """Check ``liveness()`` with every beat while the worker serves: a non-empty
+        answer is the reason the worker is published FAILED (and stays so)."""
+        self._liveness = liveness
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -83,8 +104,15 @@ class Reporter:
             self._thread.join(timeout=2 * observed.HEARTBEAT_INTERVAL)
 
     def _beat_record(self, memory: int) -> WorkerRecord:
-        """The record to publish now; READY and BUSY follow :meth:`busy`."""
+        """The record to publish now; READY and BUSY follow :meth:`busy`, FAILED the
+        liveness check."""
         record = dataclasses.replace(self._record, memory=memory, heartbeat=observed.now())
+        reason = self._liveness() if record.state.serving and self._liveness else ""
+        if reason:
+            log.error("worker %s can no longer serve: %s", record.wid, reason)
+            return dataclasses.replace(
+                record, state=WorkerState.FAILED, since=observed.now(), reason=reason
+            )
         if record.state.serving:
             if self._busy and record.state is not WorkerState.BUSY:
                 record = dataclasses.replace(record, state=WorkerState.BUSY, since=self._busy_since)
@@ -93,6 +121,7 @@ class Reporter:
         return record
 
     def _beat(self) -> None:
+        outage = Outage("heartbeat", log)
         while not self._stop.wait(observed.HEARTBEAT_INTERVAL / 2):
             try:
                 memory = self._proc.memory_info().rss
@@ -101,5 +130,10 @@ class Reporter:
                     observed.publish(self._r, self._record)
                 for key, ttl in self._extra_keys:
                     self._r.pexpire(key, ttl)
-            except redis.RedisError:
-                continue  # Redis away for a moment: the next beat retries
+                outage.recovered()
+            except redis.RedisError as exc:
+                outage.failed(exc)  # Redis away: the next beat retries, on time
+            except Exception:
+                # A bug must not silence the heartbeat (the supervisor would kill a
+                # healthy worker for it): log it and beat again.
+                log.exception("heartbeat failed")

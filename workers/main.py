@@ -1,8 +1,9 @@
 """Running a supervisor: ``mqserve supervisor`` and the supervisor child of a stack.
 
 The supervisor runs in the foreground until SIGTERM or SIGINT, then drains its
-workers. ``--check`` is the health probe for containers: it exits 0 only when this
-host's supervisor is alive in Redis.
+workers. It waits for Redis at start-up and rides out Redis outages later
+(``workers.outage``): only a signal stops it. ``--check`` is the health probe for
+containers: it exits 0 only when this host's supervisor is alive in Redis.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from control.devices import visible_gpus
 from control.redis_io import redis_bytes_client, redis_client
 from control.settings import Settings
 from workers.launch import ForkSpawner, ModelFiles, WorkerSpawner, replace_leftovers
-from workers.reconcile import DRAIN_GRACE
+from workers.outage import until_available
 from workers.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-#: How long a stopping supervisor lets its workers finish their requests.
-SHUTDOWN_TIMEOUT = 120.0 + DRAIN_GRACE
+#: How long a stopping supervisor lets its workers finish their requests with default
+#: settings (``stop_grace``, the one knob): then it SIGKILLs the ones still running, so
+#: a stuck handler never holds up a stop.
+SHUTDOWN_TIMEOUT = float(Settings().stop_grace)
 
 
 def default_host_name() -> str:
@@ -45,7 +48,22 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
     settings_file.chmod(0o600)
     client = redis_client(settings.redis_url)
     devices = visible_gpus() if gpus is None else gpus
-    left = replace_leftovers(client, host, ModelFiles.of(settings.home, host))
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    # Redis may not be up yet (or restarting): wait for it, with back-off, rather than
+    # exit; a stop signal meanwhile ends the wait (and the supervisor, with no workers).
+    files = ModelFiles.of(settings.home, host)
+    left = until_available(
+        lambda: replace_leftovers(client, host, files), stop, "supervisor start-up", log
+    )
+    if left is None:
+        log.info("supervisor %s stopped before Redis was reachable", host)
+        return
     if left:
         log.info("replaced %d worker(s) left by an earlier supervisor of %s", left, host)
     # Fork by default: the supervisor has imported what a worker needs, so a worker
@@ -56,18 +74,11 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
     spawner = kind(settings_file, host, settings.home / "logs")
     frames = redis_bytes_client(settings.redis_url)
     supervisor = Supervisor(settings, client, host, spawner, devices, frames=frames)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
     log.info("supervisor %s running with GPUs %s", host, list(devices) or "none")
     try:
         supervisor.run(stop)
     finally:
-        supervisor.shutdown(SHUTDOWN_TIMEOUT)
+        supervisor.shutdown(float(settings.stop_grace))
         log.info("supervisor %s stopped", host)
 
 

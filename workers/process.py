@@ -32,6 +32,7 @@ from control.redis_io import redis_bytes_client, redis_client
 from control.registry import Registry
 from control.server import model_store, settings_from_env
 from control.settings import Settings
+from workers import broker
 from workers.celery_app import make_celery
 from workers.handling.compat import install_compat_path
 from workers.handling.loader import LoadError, enter_model_dir, load_handler
@@ -206,8 +207,11 @@ def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> 
     observe = _observer(recorder, model_metrics, args.model, args.version)
     runner = ModelRunner(model, reporter.busy, observe)
     app = make_celery(settings)
+    broker.guard(app)  # a queue entry that is not a message must not stop the worker
     register_tasks(app, runner, redis_client(settings.redis_url or ""))
     online = _online_loop(settings, args, runner, reporter)
+    # A loop that died or is stuck turns the worker FAILED: the supervisor replaces it.
+    reporter.watch(online.failure)
     _wire_signals(reporter, online)
     try:
         _run_celery(app, args)

@@ -12,10 +12,11 @@ keeps slots below ``max_workers`` (TorchServe leaves workers between min and max
 and drains slots at or above it.
 
 Failures. A worker that exits without being asked to, fails to load, or is killed for
-a timeout counts as a failure of its slot. The slot is retried with TorchServe's
-Fibonacci back-off (1, 1, 2, 3, 5, ... 1597 s) while the slot has been failing for less
-than ``max_retry_timeout``; then it is left failed (visible in describe) until the
-desired state changes.
+a timeout counts as a failure of its slot, and so does one that reports FAILED while it
+still runs (its request loop died): it is killed after :data:`FAILED_GRACE`. The slot
+is retried with TorchServe's Fibonacci back-off (1, 1, 2, 3, 5, ... 1597 s) while the
+slot has been failing for less than ``max_retry_timeout``; then it is left failed
+(visible in describe) until the desired state changes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from control.observed import WorkerState
 BACK_OFF = (0, 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
 #: Extra seconds a draining worker gets beyond ``response_timeout`` before SIGKILL.
 DRAIN_GRACE = 10.0
+#: How long a running worker may report FAILED before it is killed. A worker whose
+#: model failed to load reports FAILED and exits by itself at once (its exit code says
+#: why); one still running after this cannot serve (e.g. its request loop died).
+FAILED_GRACE = 5.0
 
 Key = tuple[str, str]
 
@@ -230,6 +235,8 @@ def _stuck(proc: Process, target: Target, obs: Observed) -> str:
         return f"Worker did not respond within response_timeout of {target.response_timeout:g} s"
     if not proc.record_alive and proc.state is not WorkerState.STARTING:
         return "Worker stopped sending heartbeats"
+    if proc.state is WorkerState.FAILED and age > FAILED_GRACE:
+        return proc.reason or "Worker reported FAILED"
     return ""
 
 

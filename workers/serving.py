@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import redis
 
 from control import keys
-from control.envelope import FrameError, Reply, Request
-from control.redis_io import block_seconds
+from control.envelope import FrameError, Reply, Request, readable_id
+from control.redis_io import SOCKET_TIMEOUT, block_seconds
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest, Parameter
+from workers.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ IDLE_WAKE = 0.25
 #: POLL_STEP steps. :func:`block_slack` derives it from the server's actual ``hz``.
 BLOCK_SLACK = 0.11
 POLL_STEP = 0.001
+#: The error for a frame that does not parse (its sender is told when its id is readable).
+MALFORMED = "Malformed request frame: {}"
+#: The error for requests of a batch the loop failed on outside the handler (a bug).
+LOOP_FAILED = "Internal Server Error"
+#: Pause after an unexpected error in the online loop, so a bug does not spin.
+ERROR_PAUSE = 0.5
+#: The online loop counts as stuck when it made no progress for this long (plus its
+#: batching window) outside the handler (the handler has response_timeout, which the
+#: supervisor watches): longer than any one Redis call can take.
+STUCK_AFTER = 2 * SOCKET_TIMEOUT
 
 
 def block_slack(client: redis.Redis) -> float:
@@ -73,6 +84,11 @@ class Batcher:
         self._size = max(batch_size, 1)
         self._delay = max(max_batch_delay_ms, 0) / 1000.0
         self._clock = clock
+
+    @property
+    def window(self) -> float:
+        """The batching window (``max_batch_delay``) in seconds."""
+        return self._delay
 
     def next_batch(self, wait: float) -> list[bytes]:
         """Up to ``batch_size`` frames; ``[]`` when none came within ``wait`` seconds
@@ -194,9 +210,33 @@ class OnlineLoop:
         self._clock = clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mqserve-online", daemon=True)
+        #: Monotonic time of the loop's last sign of life, and whether it is in the
+        #: handler (whose own limit is response_timeout, watched by the supervisor).
+        self._progress = time.monotonic()
+        self._handling = False
+        #: Frames answered because they did not parse (for logs and tests).
+        self.malformed = 0
 
     def start(self) -> None:
         self._thread.start()
+
+    def failure(self) -> str:
+        """Why the loop can no longer serve (its thread died or is stuck), or ``""``.
+
+        The worker's heartbeat calls this (``workers.heartbeat.Reporter.watch``) and
+        reports FAILED with the reason, so the supervisor replaces the worker instead of
+        it answering READY while nothing takes requests. A loop that was stopped, or not
+        started yet, has not failed.
+        """
+        if self._stop.is_set() or self._thread.ident is None:
+            return ""
+        if not self._thread.is_alive():
+            return "Online request loop died"
+        idle = time.monotonic() - self._progress
+        # One wait for a batch lasts up to its window: not a sign of being stuck.
+        if not self._handling and idle > STUCK_AFTER + self._batcher.window:
+            return f"Online request loop made no progress for {idle:.0f} s"
+        return ""
 
     def request_stop(self) -> bool:
         """Take no new requests from now on; never blocks (safe in a signal handler).
@@ -215,17 +255,45 @@ class OnlineLoop:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        """Serve until stopped; nothing but a stop ends the loop.
+
+        A Redis error waits with capped back-off (logged once per outage) and retries;
+        the frames of a batch stay in the in-flight list meanwhile. Any other error is a
+        bug: it is logged with its traceback, the batch it hit is answered 500 (so no
+        client waits for it), and the loop goes on after a short pause.
+        """
+        outage = Outage("online loop", log)
         while not self._stop.is_set():
+            self._progress = time.monotonic()
+            frames: list[bytes] = []
             try:
                 frames = self._batcher.next_batch(IDLE_WAKE)
                 if frames:
                     self.serve(frames)
+                outage.recovered()
             except redis.RedisError as exc:
-                log.error("online loop: Redis error, retrying: %s", exc)
-                self._stop.wait(0.5)
+                self._stop.wait(outage.failed(exc))
+            except Exception:
+                log.exception("online loop: unexpected error; answering its batch and going on")
+                self._abandon(frames)
+                self._stop.wait(ERROR_PAUSE)
+
+    def _abandon(self, frames: list[bytes]) -> None:
+        """Answer 500 to those of ``frames`` still in the in-flight list, and drop them."""
+        try:
+            answered = answer_frames(self._r, self._inflight, frames, 500, LOOP_FAILED)
+        except Exception:  # Redis away too: the supervisor answers them if we die
+            log.exception("online loop: could not answer an abandoned batch")
+            return
+        if answered:
+            log.error("online loop: answered %d request(s) of a failed batch", answered)
 
     def serve(self, frames: list[bytes]) -> None:
-        """Answer one batch of frames taken from the queue."""
+        """Answer one batch of frames taken from the queue.
+
+        A frame that does not parse is logged, answered 400 when its id can be read
+        (its sender waits on ``keys.reply(id)``), and dropped from the in-flight list.
+        """
         now = self._clock()
         live: list[tuple[bytes, Request]] = []
         pipe = self._r.pipeline(transaction=False)
@@ -233,7 +301,12 @@ class OnlineLoop:
             try:
                 request = Request.parse(frame)
             except FrameError as exc:
-                log.error("dropping a malformed request frame: %s", exc)
+                rid = readable_id(frame)
+                log.error("dropping a malformed request frame (id %r): %s", rid, exc)
+                self.malformed += 1
+                if rid is not None:
+                    error = MALFORMED.format(exc)
+                    _push_reply(pipe, rid, Reply(status=400, error=error, dequeued=now))
                 pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
                 continue
             if 0 < request.deadline < now:
@@ -252,10 +325,21 @@ class OnlineLoop:
 
     def _answer(self, group: list[tuple[bytes, Request]], dequeued: float) -> None:
         batch = [to_inference_request(request) for _, request in group]
+        self._handling = True
         try:
             replies = [to_reply(r, dequeued) for r in self._runner.handle(batch)]
+            if len(replies) != len(group):
+                raise HandlerFailure(500, "Number of batch response mismatched")
         except HandlerFailure as exc:
             replies = [Reply(status=exc.status, error=exc.message, dequeued=dequeued)] * len(group)
+        except Exception:
+            # Not the handler's failure (that is a HandlerFailure) but ours, e.g. a reply
+            # that cannot be framed: the clients get a 500, the loop goes on.
+            log.exception("online loop: a batch failed outside the handler")
+            replies = [Reply(status=500, error=LOOP_FAILED, dequeued=dequeued)] * len(group)
+        finally:
+            self._handling = False
+            self._progress = time.monotonic()
         pipe = self._r.pipeline(transaction=False)
         for (frame, request), reply in zip(group, replies, strict=True):
             # The reply before the LREM: a waiting API never sees the request nowhere.
@@ -274,16 +358,50 @@ def answer_all(client: redis.Redis, inflight: str, status: int, message: str) ->
     """Answer every request left in an in-flight list with an error; returns the count.
 
     Used by the supervisor for a worker that died: TorchServe answers the batch it was
-    running with ``Worker died.``; nothing is silently lost or run twice.
+    running with ``Worker died.``; nothing is silently lost or run twice. A frame that
+    does not parse is answered too when its id is readable, else just dropped (logged):
+    no frame makes this raise; only Redis errors do.
     """
     frames = client.lrange(inflight, 0, -1)
     pipe = client.pipeline(transaction=False)
     for frame in frames:
-        try:
-            request = Request.parse(frame if isinstance(frame, bytes) else frame.encode())
-        except FrameError:
+        raw = frame if isinstance(frame, bytes) else str(frame).encode()
+        rid = readable_id(raw)
+        if rid is None:
+            log.error("dropping an unreadable frame from %s", inflight)
             continue
-        _push_reply(pipe, request.id, Reply(status=status, error=message))
+        _push_reply(pipe, rid, Reply(status=status, error=message))
     pipe.delete(inflight)
     pipe.execute()
     return len(frames)
+
+
+# KEYS: in-flight list, reply list   ARGV: frame, reply frame, reply TTL (ms).
+# Answers only a request still held, in one step, so that a waiting API never finds the
+# request nowhere and a request already answered is not answered twice.
+_ANSWER_IF_HELD = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def answer_frames(
+    client: redis.Redis, inflight: str, frames: list[bytes], status: int, message: str
+) -> int:
+    """Answer those of ``frames`` still in ``inflight`` with an error, removing them;
+    returns how many were answered. Frames whose id is unreadable are just removed."""
+    script = client.register_script(_ANSWER_IF_HELD)
+    answered = 0
+    for frame in frames:
+        rid = readable_id(frame)
+        if rid is None:
+            client.lrem(inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
+            continue
+        reply = Reply(status=status, error=message).frame()
+        args: list[Any] = [frame, reply, REPLY_TTL_MS]
+        answered += int(script(keys=[inflight, keys.reply(rid)], args=args))
+    return answered

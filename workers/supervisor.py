@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import redis
+from redis.client import PubSub
 
 from control import keys, observed
 from control.devices import GpuSampler, usage_text
@@ -32,6 +33,7 @@ from control.registry import Registry, VersionRecord
 from control.settings import Settings
 from workers import reconcile
 from workers.launch import ModelFiles, WorkerProcess
+from workers.outage import Outage
 from workers.reconcile import Action, Backoff, Observed, Process, Target
 from workers.serving import answer_all
 
@@ -138,6 +140,8 @@ class Supervisor:
         self._usage = usage if usage is not None else GpuSampler()
         #: This host's unpacked archives; a version's go when its last worker has exited.
         self._files = ModelFiles.of(settings.home, host)
+        #: When the last Redis outage ended (clock time; 0: none yet).
+        self._outage_ended = 0.0
 
     # -- one tick ------------------------------------------------------------------------
 
@@ -174,6 +178,9 @@ class Supervisor:
         state = record.state if record is not None else WorkerState.STARTING
         if record is None and handle.reported:
             state = WorkerState.READY  # last known serving state; the record expired
+        # A record that expired during a Redis outage is re-created by the worker's next
+        # heartbeat: until then its absence says nothing about the worker.
+        after_outage = self._clock() - self._outage_ended < observed.RECORD_TTL
         return Process(
             wid=handle.wid,
             model=handle.model,
@@ -183,7 +190,7 @@ class Supervisor:
             spawned_at=handle.spawned_at,
             state=state,
             state_since=record.since if record is not None else handle.spawned_at,
-            record_alive=record is not None or not handle.reported,
+            record_alive=record is not None or not handle.reported or after_outage,
             exit_code=exit_code,
             stop_sent_at=handle.stop_sent_at,
             kill_reason=handle.kill_reason,
@@ -267,10 +274,11 @@ class Supervisor:
             backoff = Backoff(wid, 1, now + reconcile.BACK_OFF[1], now, 0, f"spawn failed: {exc}")
             self._backoff[(action.model, action.version, action.slot)] = backoff
             return
-        observed.publish(self._r, dataclasses.replace(record, pid=popen.pid))
+        # Owned before anything else can fail (a Redis error): never an orphan process.
         self._handles[wid] = Handle(
             popen, wid, action.model, action.version, action.slot, action.gpu, now
         )
+        observed.publish(self._r, dataclasses.replace(record, pid=popen.pid))
 
     def _stop(self, handle: Handle) -> None:
         log.info("draining worker %s (%s:%s)", handle.wid, handle.model, handle.version)
@@ -292,9 +300,10 @@ class Supervisor:
 
     def _fail(self, action: reconcile.Fail) -> None:
         handle = self._handles.pop(action.wid)
+        # The back-off first: if Redis fails below, the slot still waits before a retry.
+        self._backoff[(action.model, action.version, action.slot)] = action.backoff
         self._answer_inflight(handle)
         self._release_files(action.model, action.version)
-        self._backoff[(action.model, action.version, action.slot)] = action.backoff
         log.warning(
             "worker %s of %s:%s failed (%d in a row): %s",
             action.wid,
@@ -406,33 +415,61 @@ class Supervisor:
     # -- life cycle ------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Tick until ``stop`` is set; desired-state changes wake the loop early."""
-        pubsub = self._r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        pubsub.subscribe(keys.EVENTS)
+        """Tick until ``stop`` is set; desired-state changes wake the loop early.
+
+        Nothing but ``stop`` ends it. A Redis error anywhere (a tick, the pub/sub
+        subscription or its wait) is an outage: logged once, retried with capped
+        back-off (``workers.outage``: 0.5 s .. 5 s) on a fresh pub/sub connection, while
+        the workers go on serving from their own loops. Any other error is logged with
+        its traceback (once while it repeats) and the next tick follows a short pause.
+        """
+        outage = Outage("supervisor", log)
+        pubsub: PubSub | None = None
+        last_error = ""
         try:
             while not stop.is_set():
                 try:
+                    if outage.ongoing:
+                        # If this tick works, the outage ended now: see _observe_process.
+                        self._outage_ended = self._clock()
+                    if pubsub is None:
+                        pubsub = self._r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                        pubsub.subscribe(keys.EVENTS)
                     self.tick()
+                    outage.recovered()
+                    last_error = ""
+                    pubsub.get_message(timeout=TICK_SECONDS)
                 except redis.RedisError as exc:
-                    log.error("tick failed, retrying: %s", exc)
-                    stop.wait(1.0)
-                    continue
-                pubsub.get_message(timeout=TICK_SECONDS)
+                    _close(pubsub)
+                    pubsub = None
+                    stop.wait(outage.failed(exc))
+                except Exception as exc:
+                    if repr(exc) != last_error:
+                        log.exception("tick failed; going on")
+                    last_error = repr(exc)
+                    stop.wait(TICK_SECONDS)
         finally:
-            pubsub.close()
+            _close(pubsub)
             self._usage.close()
 
     def shutdown(self, timeout: float) -> None:
-        """Drain every worker (SIGKILL after ``timeout``), then give up leases and presence."""
+        """Drain every worker, then give up leases and presence; bounded by ``timeout``.
+
+        Workers get SIGTERM together and ``timeout`` seconds in all to finish their
+        requests; whichever still runs then (a handler stuck in a call) is SIGKILLed.
+        The whole drain takes at most ``timeout`` + 5 s, whatever the workers do.
+        """
         for handle in self._handles.values():
             _signal(handle.popen, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for handle in self._handles.values():
             try:
-                handle.popen.wait(max(deadline - time.monotonic(), 0.1))
+                handle.popen.wait(max(deadline - time.monotonic(), 0.0))
             except subprocess.TimeoutExpired:
                 _signal(handle.popen, signal.SIGKILL)
-                handle.popen.wait()
+        for handle in self._handles.values():  # SIGKILL cannot be ignored: this is brief
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                handle.popen.wait(5.0)
         for handle in list(self._handles.values()):
             self._forget(
                 reconcile.Forget(
@@ -443,6 +480,13 @@ class Supervisor:
             self._apply(reconcile.Release(model, version, slot))
             self._drop_record(backoff.wid, model, version)
         self._r.delete(keys.host(self.host))
+
+
+def _close(pubsub: PubSub | None) -> None:
+    """Close ``pubsub`` (if any) without raising; a broken connection is just dropped."""
+    if pubsub is not None:
+        with contextlib.suppress(Exception):
+            pubsub.close()
 
 
 def _signal(popen: WorkerProcess, sig: signal.Signals) -> None:

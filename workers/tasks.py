@@ -2,10 +2,16 @@
 
 The model itself is loaded before the worker consumes anything (``workers.process``);
 the task only adapts queue messages to :class:`workers.handling` calls.
+
+Anyone who can write to a model's Celery queue can send these tasks, so their arguments
+are checked: a message that does not validate is logged and answered with
+:func:`workers.messages.failure_message` (400), never raised out of the task. What is
+not even a Celery message is dropped by the broker transport (``workers.broker``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
@@ -14,20 +20,46 @@ from celery import Celery
 from control.jobs import BATCH_TASK
 from workers.handling.types import HandlerFailure
 from workers.jobs import run_chunk
-from workers.messages import failure_message, parse_request, reply_message
+from workers.messages import MessageError, failure_message, parse_request, reply_message
 from workers.serving import Handles
 
+log = logging.getLogger(__name__)
+
 PREDICT_TASK = "mqserve.predict"
+#: The most items one batch-job message may name (real chunks are one batch, or 16).
+MAX_CHUNK_ITEMS = 65_536
+#: The answer to a batch-job message that does not validate (nobody reads it: the
+#: task ignores results; it is for the log and the tests).
+BAD_CHUNK = "Invalid batch job message"
 
 
-def predict(model: Handles, message: dict[str, Any]) -> dict[str, Any]:
-    """Run one request; a batch-level failure becomes TorchServe's status and message."""
-    request = parse_request(message)
+def predict(model: Handles, message: Any) -> dict[str, Any]:
+    """Run one request; a batch-level failure becomes TorchServe's status and message,
+    a message that is not a request 400, and anything else raised 500 (logged)."""
+    try:
+        request = parse_request(message)
+    except MessageError as exc:
+        log.error("invalid %s message answered 400: %s", PREDICT_TASK, exc)
+        return failure_message(400, f"Invalid request message: {exc}")
     try:
         [reply] = model.handle([request])
     except HandlerFailure as exc:
         return failure_message(exc.status, exc.message)
+    except Exception:
+        log.exception("%s failed outside the handler", PREDICT_TASK)
+        return failure_message(500, "Internal Server Error")
     return reply_message(reply)
+
+
+def chunk_problem(job_id: Any, start: Any, end: Any) -> str:
+    """Why ``(job_id, start, end)`` cannot name a chunk of a batch job, or ``""``."""
+    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
+        return "job id is not a short string"
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in (start, end)):
+        return "start and end are not integers"
+    if not 0 <= start <= end or end - start > MAX_CHUNK_ITEMS:
+        return f"item range [{start}, {end}) is out of bounds"
+    return ""
 
 
 def register_tasks(app: Celery, model: Handles, client: redis.Redis) -> None:
@@ -37,14 +69,21 @@ def register_tasks(app: Celery, model: Handles, client: redis.Redis) -> None:
     serialises them), which is how batch jobs share a worker with online requests.
     """
 
-    @app.task(name=PREDICT_TASK, acks_late=True)  # type: ignore[untyped-decorator]
-    def predict_task(message: dict[str, Any]) -> dict[str, Any]:
-        return predict(model, message)
+    # typing=False and *args: a call with the wrong arguments is answered 400 by us,
+    # not failed by Celery's signature check. shared=False: these tasks belong to this
+    # app only (Celery's default also adds them to every app created later).
+    @app.task(name=PREDICT_TASK, acks_late=True, typing=False, shared=False)  # type: ignore[untyped-decorator]
+    def predict_task(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        if len(args) + len(kwargs) != 1 or (kwargs and "message" not in kwargs):
+            log.error("%s called with %d argument(s) answered 400", PREDICT_TASK, len(args))
+            return failure_message(400, "Invalid request message: expected one message")
+        return predict(model, args[0] if args else kwargs["message"])
 
     # ignore_result: a chunk's outcome is in the job's Redis keys (control.jobs). A Redis
     # error would leave the chunk's items pending forever: retry, which is safe.
     batch = app.task(
         name=BATCH_TASK,
+        shared=False,
         acks_late=True,
         ignore_result=True,
         autoretry_for=(redis.RedisError,),
@@ -53,5 +92,13 @@ def register_tasks(app: Celery, model: Handles, client: redis.Redis) -> None:
     )
 
     @batch  # type: ignore[untyped-decorator]
-    def batch_task(job_id: str, start: int, end: int) -> None:
-        run_chunk(client, model, job_id, start, end)
+    def batch_task(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        if kwargs or len(args) != 3:
+            problem = "expected the arguments (job id, start, end)"
+        else:
+            problem = chunk_problem(*args)
+        if problem:
+            log.error("invalid %s message dropped: %s", BATCH_TASK, problem)
+            return failure_message(400, f"{BAD_CHUNK}: {problem}")
+        run_chunk(client, model, *args)
+        return None

@@ -16,6 +16,7 @@ from pathlib import Path
 import redis
 
 from control import keys
+from control.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS
 from control.settings import Settings
 
 
@@ -102,7 +103,8 @@ def api_process(settings: Settings, workdir: Path, app: str = "management") -> I
             "--bind",
             f"127.0.0.1:{port}",
             "-k",
-            "gthread",
+            WORKER_CLASS,
+            *LIMIT_ARGS,
             "--workers",
             "1",
             "--threads",
@@ -172,3 +174,49 @@ def supervisor_process(
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         log.close()
+
+
+class RestartableRedis:
+    """A redis-server on a fixed loopback port that a test can stop and start again.
+
+    Append-only persistence (fsync on every write) keeps the registry across restarts,
+    as an external Redis in production would; :meth:`stop` is SIGTERM, a clean shutdown.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise AssertionError("redis-server is required: apt-get install -y redis-server")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._args = [
+            exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(workdir),
+        ]  # fmt: skip
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server (again, on the same port) and wait until it answers."""
+        self._proc = subprocess.Popen(
+            self._args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        wait_for(lambda: redis.Redis.from_url(self.url).ping(), 10, "redis-server")
+
+    def stop(self) -> None:
+        """Stop the server and wait until its port is closed."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+        wait_for(lambda: not port_open(self.port), 10, "redis-server to close its port")
+
+
+@contextmanager
+def restartable_redis(workdir: Path) -> Iterator[RestartableRedis]:
+    """A started :class:`RestartableRedis`, stopped on exit."""
+    server = RestartableRedis(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -271,18 +271,20 @@ def test_stop_and_status_use_the_home(home: Path, monkeypatch: pytest.MonkeyPatc
         return 1
 
     monkeypatch.setattr(launcher, "stop", fake_stop)
-    monkeypatch.setattr(launcher, "status", lambda path: ("running", 42))
+    monkeypatch.setattr(launcher, "status", lambda path: ("running (pid 42)", True))
     assert invoke("stop").exit_code == 1
     assert seen == [home]
     result = invoke("status")
     assert (result.exit_code, result.output) == (0, "mqserve is running (pid 42)\n")
 
 
-@pytest.mark.parametrize(("state", "pid"), [("not running", None), ("starting", 7)])
-def test_status_exits_1_unless_running(
-    home: Path, monkeypatch: pytest.MonkeyPatch, state: str, pid: int | None
+@pytest.mark.parametrize(
+    "state", ["not running", "starting (pid 7)", "running (launcher gone; redis alive)"]
+)
+def test_status_exits_1_unless_healthy(
+    home: Path, monkeypatch: pytest.MonkeyPatch, state: str
 ) -> None:
-    monkeypatch.setattr(launcher, "status", lambda path: (state, pid))
+    monkeypatch.setattr(launcher, "status", lambda path: (state, False))
     result = invoke("status")
     assert result.exit_code == 1
     assert result.output.startswith(f"mqserve is {state}")

@@ -174,6 +174,36 @@ CASES: list[tuple[str, list[Target], Observed, list[Action]]] = [
         [Kill("9001", "Worker stopped sending heartbeats")],
     ),
     (
+        "a running worker reporting FAILED is killed with its reason after the grace",
+        [T],
+        obs(
+            (
+                proc(0),
+                proc(1, state=WorkerState.FAILED, state_since=NOW - 6, reason="loop died"),
+            ),
+            held(0, 1),
+        ),
+        [Kill("9001", "loop died")],
+    ),
+    (
+        "a worker that just reported FAILED gets the grace to exit by itself",
+        [T],
+        obs(
+            (proc(0), proc(1, state=WorkerState.FAILED, state_since=NOW - 1, reason="bad")),
+            held(0, 1),
+        ),
+        [],
+    ),
+    (
+        "its kill counts as a failure of the slot, with the reported reason",
+        [T],
+        obs(
+            (proc(0), proc(1, exit_code=-9, kill_reason="loop died", state=WorkerState.FAILED)),
+            held(0, 1),
+        ),
+        [Fail("9001", "m", "1.0", 1, Backoff("9001", 1, NOW + 1, NOW, 3, "loop died"))],
+    ),
+    (
         "killed worker's exit records the kill reason",
         [T],
         obs((proc(0), proc(1, exit_code=-9, kill_reason="slow")), held(0, 1)),
