@@ -25,7 +25,7 @@ import click
 import orjson
 import redis
 
-from control.errors import ModelServerError
+from control.errors import JobNotFoundException, ModelServerError
 from control.home import Home
 from control.jobs import JobStatus, JobStore
 from control.jobs_api import json_lines
@@ -151,9 +151,10 @@ def run_batch(
 ) -> int:
     """``mqserve batch``: submit, show progress, write results in order; the exit code.
 
-    0 when every item succeeded, 1 when some failed, 2 when the job did not finish
-    (timed out, interrupted or cancelled; it is cancelled and the output holds what
-    finished, other items with ``"status": null``).
+    0 when every item succeeded, 1 when some failed, 2 when the job did not finish:
+    timed out (it is then cancelled) or cancelled, the output holding what finished and
+    the other items with ``"status": null``; or interrupted (Ctrl-C), which leaves the
+    job running, writes no output and says how to reattach (:func:`run_attach`).
     """
     try:
         items = json_lines(inputs.read_bytes())
@@ -164,19 +165,62 @@ def run_batch(
     try:
         with BatchClient(settings) as client:
             job = client.submit_encoded(model, items, version)
+            # The id first, so that a user who interrupts the wait can reattach.
             click.echo(f"job {job.id}: {len(items)} items", err=True)
-            status = _follow(job, timeout)
-            with output.open("w", encoding="utf-8") as out:
-                _write_results(job, out)
+            return _finish(job, output, timeout)
     except ModelServerError as exc:
         raise click.ClickException(exc.message) from None
     except redis.RedisError as exc:
         raise click.ClickException(f"Redis failed: {exc}") from None
+
+
+def run_attach(settings: Settings, job_id: str, output: Path, timeout: float | None) -> int:
+    """``mqserve batch --attach JOB_ID``: wait for a job submitted earlier (by this
+    command, REST or :class:`BatchClient`) as :func:`run_batch` waits for a new one, with
+    the same progress, output and exit codes. An unknown or expired id raises a
+    ``ClickException`` (exit code 1).
+    """
+    try:
+        with BatchClient(settings) as client:
+            try:
+                job = client.job(job_id)
+            except JobNotFoundException:
+                raise click.ClickException(
+                    f"no batch job {job_id[:64]}: the id is unknown, or the job expired "
+                    "(jobs live in Redis for a day)"
+                ) from None
+            status = job.status()
+            click.echo(
+                f"job {job.id} ({status.model} {status.version}, {status.status}): "
+                f"{status.done + status.failed} of {status.total} items finished",
+                err=True,
+            )
+            return _finish(job, output, timeout)
+    except ModelServerError as exc:
+        raise click.ClickException(exc.message) from None
+    except redis.RedisError as exc:
+        raise click.ClickException(f"Redis failed: {exc}") from None
+
+
+def _finish(job: JobHandle, output: Path, timeout: float | None) -> int:
+    """Follow ``job`` to its end and write its results to ``output``; the exit code."""
+    status = _follow(job, timeout)
+    if status is None:
+        click.echo(
+            f"\ninterrupted; job {job.id} goes on running. Wait for it again with "
+            f"`mqserve batch --attach {job.id} -o FILE`, or cancel it with "
+            f"DELETE /jobs/{job.id}",
+            err=True,
+        )
+        return EXIT_UNFINISHED
+    with output.open("w", encoding="utf-8") as out:
+        _write_results(job, out)
     return _summarise(status)
 
 
-def _follow(job: JobHandle, timeout: float | None) -> JobStatus:
-    """Show a progress bar until the job finished; cancel it on timeout or ^C."""
+def _follow(job: JobHandle, timeout: float | None) -> JobStatus | None:
+    """Show a progress bar until the job finished; its final status. Cancels the job on
+    timeout; on ^C returns None and leaves the job running (to reattach to)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     with click.progressbar(length=job.progress()[1], label="batch", file=sys.stderr) as bar:
         shown = 0
@@ -192,8 +236,7 @@ def _follow(job: JobHandle, timeout: float | None) -> JobStatus:
                     return job.cancel()
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; cancelling the job", err=True)
-            return job.cancel()
+            return None
 
 
 def _write_results(job: JobHandle, out: TextIO) -> None:

@@ -285,8 +285,10 @@ def supervisor(
 
 
 @cli.command()
-@click.argument("model")
-@click.argument("inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", required=False)
+@click.argument(
+    "inputs", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @click.option(
     "-o",
     "--output",
@@ -295,25 +297,45 @@ def supervisor(
     help="Where to write one JSON result per input line, in input order.",
 )
 @click.option("--version", "model_version", default=None, help="Model version (default: default).")
+@click.option(
+    "--attach",
+    metavar="JOB_ID",
+    default=None,
+    help="Wait for the job JOB_ID, submitted earlier, instead of submitting one (no MODEL "
+    "or INPUTS then).",
+)
 @click.option("--redis-url", envvar="MQSERVE_REDIS_URL", help="Default: $MQSERVE_HOME's stack.")
 @click.option("--timeout", type=float, default=None, help="Seconds before the job is cancelled.")
 def batch(
-    model: str,
-    inputs: Path,
+    model: str | None,
+    inputs: Path | None,
     output: Path,
     model_version: str | None,
+    attach: str | None,
     redis_url: str | None,
     timeout: float | None,
 ) -> None:
     """Run INPUTS (JSON Lines, one input per line) through MODEL as a batch job.
 
-    Exit code 0 when every item succeeded, 1 when some failed, 2 when the job timed
-    out or was cancelled.
+    Prints the job's id, shows its progress and writes its results in input order.
+    Ctrl-C leaves the job running: `mqserve batch --attach JOB_ID -o FILE` waits for it
+    again (or for any job submitted over REST or from Python) and writes its results.
+
+    Exit code 0 when every item succeeded, 1 when some failed (or for an unknown or
+    expired JOB_ID), 2 when the job timed out (it is then cancelled), was cancelled or
+    the wait was interrupted.
     """
+    if attach is not None and (model is not None or model_version is not None):
+        raise click.UsageError("--attach takes no MODEL, INPUTS or --version")
+    if attach is None and (model is None or inputs is None):
+        raise click.UsageError("give MODEL and INPUTS, or --attach JOB_ID")
     from control import batch_client  # imports Celery; keep the other commands light
 
     settings = batch_client.cli_settings(home_from_env(), redis_url)
-    code = batch_client.run_batch(settings, model, inputs, output, model_version, timeout)
+    if model is not None and inputs is not None:
+        code = batch_client.run_batch(settings, model, inputs, output, model_version, timeout)
+    else:
+        code = batch_client.run_attach(settings, attach or "", output, timeout)
     raise SystemExit(code)
 
 

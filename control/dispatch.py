@@ -14,7 +14,9 @@ The API therefore sets no timeout of its own: it blocks in chunks of
 script, whether the request is still alive (answered, queued while a worker can take
 it, or held by a live worker). A request left queued when no worker can take it any
 more is taken off the queue and answered 503 at once; a request nobody holds any more
-(its host vanished) is answered "Worker died." at once.
+(its host vanished) is answered "Worker died." at once. Requests still queued when
+their version is unregistered are answered 503 by the unregister itself
+(:meth:`Dispatcher.refuse_queued`): their waiting threads wake at once.
 
 Read your writes. Specs are cached per process with the registry revision they were
 read at (``keys.REVISION``); the push refuses a stale revision, and the request is
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import redis
 
 from control import keys
-from control.envelope import Part, Reply, Request
+from control.envelope import Part, Reply, Request, readable_id
 from control.errors import InternalServerException, ModelServerError, ServiceUnavailableException
 from control.observed import SERVING
 from control.redis_io import block_for
@@ -86,6 +88,9 @@ return 0
 """
 
 _NO_WORKER, _QUEUE_FULL, _STALE = -1, -2, -3
+#: The ``reason`` of the reply :meth:`Dispatcher.refuse_queued` gives a queued request:
+#: the waiting API answers it as it answers "no worker" (TorchServe's 503).
+VERSION_GONE = "version unregistered"
 #: How long a waiting request rides out a Redis outage before it is answered 503.
 REDIS_OUTAGE_WAIT = 30.0
 #: Pause between attempts while Redis is unreachable.
@@ -147,6 +152,29 @@ class Dispatcher:
             raise
         self._specs[(model, version)] = (revision, record)
         return revision, record
+
+    def refuse_queued(self, model: str, version: str) -> int:
+        """Answer every request queued for ``model``/``version`` with "no worker" (503)
+        and empty its online queue; returns how many were answered.
+
+        Called while the version is being unregistered (its workers told to stop take
+        nothing more): the waiting API threads are woken now, not at their next
+        liveness check. A frame whose id cannot be read is just dropped.
+        """
+        queue = keys.online_queue(model, version)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.lrange(queue, 0, -1)
+        pipe.delete(queue)
+        frames, _ = pipe.execute()
+        reply = Reply(status=503, reason=VERSION_GONE, error=VERSION_GONE).frame()
+        pipe = self._r.pipeline(transaction=False)
+        for frame in frames:
+            rid = readable_id(frame if isinstance(frame, bytes) else str(frame).encode())
+            if rid is not None:
+                pipe.lpush(keys.reply(rid), reply)
+                pipe.pexpire(keys.reply(rid), keys.REPLY_TTL_MS)
+        pipe.execute()
+        return len(frames)
 
     def send(
         self,
@@ -222,7 +250,10 @@ class Dispatcher:
             if verdict == _NO_WORKER:
                 raise NoWorker("no worker left")
             raise InternalServerException("Worker died.")
-        return Reply.parse(answer)
+        reply = Reply.parse(answer)
+        if reply.error is not None and reply.reason == VERSION_GONE:
+            raise NoWorker("version unregistered")
+        return reply
 
 
 class _Outage:

@@ -6,6 +6,9 @@
     run/             one pid file per process (mqserve.pid for the launcher, then redis.pid,
                      management.pid, inference.pid, metrics.pid, supervisor.pid), settings.json,
                      ready, stopped (why the stack last stopped by itself), the socket redis.sock
+    run/workers/     <wid>.pid of every live model worker, written and removed by the worker
+                     itself: workers outlive a supervisor that crashed (its successor adopts
+                     them), so a stop finds them here, not below the supervisor
     logs/            one log per process: mqserve.log, redis.log, management.log, ...
     models/          archives unpacked for this stack's workers: <host>/<model>/<version>/
                      (workers.launch.ModelFiles; mode 0700, removed with the last worker)
@@ -88,6 +91,25 @@ class Home:
     def pid_of(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"
 
+    @property
+    def workers_dir(self) -> Path:
+        """``run/workers``: one pid file per live model worker."""
+        return self.run_dir / "workers"
+
+    def worker_pid_of(self, wid: str) -> Path:
+        return self.workers_dir / f"{wid}.pid"
+
+    def live_workers(self) -> list[int]:
+        """Pids of the model workers recorded in ``run/workers`` that still run."""
+        pids = (live_pid(path) for path in sorted(self.workers_dir.glob("*.pid")))
+        return [pid for pid in pids if pid is not None]
+
+    def forget_workers(self) -> None:
+        """Remove the worker pid files whose process is gone (after a stop)."""
+        for path in self.workers_dir.glob("*.pid"):
+            if live_pid(path) is None:
+                path.unlink(missing_ok=True)
+
     def log_of(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
 
@@ -117,11 +139,13 @@ class Home:
         ``grace`` seconds; then the ones in ``last`` (Redis, which the others need while
         they drain) get ``last_grace`` seconds. Whatever still runs after its
         grace, and every process that was below a child when the stop began (its
-        workers), is SIGKILLed, so nothing recorded is left running. Returns the
-        ``(name, pid)`` of each child that was alive.
+        workers), is SIGKILLed, so nothing recorded is left running. Model workers
+        recorded in ``run/workers`` (those a dead supervisor left, which are below no
+        child) are in the first group. Returns the ``(name, pid)`` of each child that
+        was alive.
         """
         alive_now = self.children()
-        first = [pid for name, pid in alive_now if name not in last]
+        first = [pid for name, pid in alive_now if name not in last] + self.live_workers()
         then = [pid for name, pid in alive_now if name in last]
         for group, seconds in ((first, grace), (then, last_grace)):
             if group:
@@ -129,6 +153,7 @@ class Home:
         for path in self.run_dir.glob("*.pid"):
             if path.stem != RUNNER:
                 path.unlink(missing_ok=True)
+        self.forget_workers()
         return alive_now
 
 

@@ -6,7 +6,7 @@ process can report on it, before and after restarts:
 * ``mqs:job:{id}`` (HASH): ``model``, ``version``, ``status``, ``total``, ``done``,
   ``failed``, ``created`` and ``expires`` (epoch seconds), and what workers need to
   run the items: ``content_type`` (of every item) and ``batch_size`` (the model
-  version's, at submission).
+  version's, at submission); ``requeued:{start}`` counts the requeues of one chunk.
 * ``mqs:job:{id}:items`` (HASH): item index -> input bytes; deleted once the job is
   finished or cancelled, since nothing reads inputs after that.
 * ``mqs:job:{id}:results`` (HASH): item index -> ``{"status", "result"|"error"}``
@@ -18,7 +18,9 @@ Statuses: ``queued`` (nothing ran yet) -> ``running`` -> ``succeeded`` (every it
 has a result and at least one succeeded) or ``failed`` (every item failed), or
 ``cancelled`` from ``queued``/``running``. Items are sent to the version's Celery
 queue in chunks (:func:`chunk_size`); a worker runs a chunk as batches of
-``batch_size`` through the same model object that serves online requests.
+``batch_size`` through the same model object that serves online requests. A chunk
+whose worker dies is sent again (:func:`send_chunk`) by the supervisor that reaps the
+worker (``workers.jobs.requeue_held``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,15 @@ def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
     """``(start, end)`` index ranges (end exclusive) covering ``range(total)``."""
     for start in range(0, total, max(size, 1)):
         yield start, min(start + size, total)
+
+
+def send_chunk(celery_app: TaskSender, job_id: str, queue: str, start: int, end: int) -> None:
+    """Queue the message that runs items ``start`` .. ``end - 1`` of ``job_id`` on
+    ``queue`` (the model version's ``keys.batch_queue``). The one encoder of chunk
+    messages: submission and the supervisor's requeue (``workers.jobs``) both use it."""
+    # ignore_result: progress travels through the job hash; a result would also make
+    # Celery subscribe the sender to a channel per chunk.
+    celery_app.send_task(BATCH_TASK, args=[job_id, start, end], queue=queue, ignore_result=True)
 
 
 def iso_time(epoch: float) -> str:
@@ -204,11 +215,7 @@ class JobStore:
 
     def _enqueue(self, job_id: str, queue: str, total: int, batch_size: int) -> None:
         for start, end in chunks(total, chunk_size(batch_size)):
-            # ignore_result: progress travels through the job hash; a result would also
-            # make Celery subscribe this process to a channel per chunk.
-            self._celery.send_task(
-                BATCH_TASK, args=[job_id, start, end], queue=queue, ignore_result=True
-            )
+            send_chunk(self._celery, job_id, queue, start, end)
 
     def _write(
         self, status: JobStatus, items: Sequence[bytes], content_type: str, batch_size: int

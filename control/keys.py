@@ -38,16 +38,24 @@ Observed state
                                         (STARTING/LOADING/READY/BUSY/DRAINING/FAILED),
                                         ``started_at`` (epoch s), ``memory`` (RSS bytes),
                                         ``reason`` (failure text), ``heartbeat`` (epoch s),
-                                        ``since`` (epoch s when ``state`` began);
+                                        ``since`` (epoch s when ``state`` began), ``slot``
+                                        (its replica slot, for adoption by a new supervisor);
                                         ``gpu_usage`` (describe's ``gpuUsage`` text, written
                                         only by the host's supervisor from its nvidia-smi
                                         samples, only while the hash exists).
 ``mqs:o:workers:{name}:{ver}``   SET    worker ids of one model version (an index; members
                                         whose hash has expired are pruned by readers).
-``mqs:o:host:{host}``            HASH   + TTL: a live supervisor (``pid``, ``gpus``, ``heartbeat``).
+``mqs:o:host:{host}``            HASH   + TTL: a live supervisor (``gpus``, ``heartbeat``).
 ``mqs:o:slot:{name}:{ver}:{i}``  STRING + TTL: the host holding replica slot ``i`` of a model
                                         version (a lease renewed by that host's supervisor;
-                                        see ``workers.reconcile``).
+                                        see ``workers.reconcile``). Its worker reads it on every
+                                        heartbeat and drains when another host holds it, or
+                                        when it has been absent for ``orphan_grace`` s.
+``mqs:o:held:{wid}``             STRING + TTL: the batch-job chunk worker ``wid`` is running,
+                                        JSON ``{"job", "start", "end"}``; set when the chunk
+                                        starts, deleted when it ends (TTL: longer than the
+                                        slowest chunk). The supervisor that finds the worker
+                                        dead requeues the chunk (``workers.jobs.requeue_held``).
 
 Queues
 ------
@@ -71,7 +79,9 @@ Batch jobs
 ----------
 ``mqs:job:{id}``                 HASH   + TTL: ``model``, ``version``, ``status``, ``total``,
                                         ``done``, ``failed``, ``created``, ``expires``,
-                                        ``content_type``, ``batch_size``.
+                                        ``content_type``, ``batch_size``;
+                                        ``requeued:{start}`` = times the chunk starting at
+                                        item ``start`` was requeued after its worker died.
 ``mqs:job:{id}:items``           HASH   + TTL: item index -> input (raw bytes).
 ``mqs:job:{id}:results``         HASH   + TTL: item index -> result (JSON).
 
@@ -107,6 +117,8 @@ METRIC_FAMILIES = f"{PREFIX}:metric-families"
 
 #: First worker id handed out, as TorchServe's ``initial_worker_port``.
 FIRST_WORKER_ID = 9000
+#: Lifetime of a reply list (``reply``): its API process pops it long before.
+REPLY_TTL_MS = 60_000
 
 
 def model(name: str) -> str:
@@ -159,6 +171,12 @@ def online_queue(name: str, ver: str) -> str:
 def inflight(wid: str) -> str:
     """LIST of request frames worker ``wid`` is working on."""
     return f"{PREFIX}:o:inflight:{wid}"
+
+
+def held(wid: str) -> str:
+    """STRING (with TTL): JSON ``{"job", "start", "end"}`` of the batch-job chunk worker
+    ``wid`` is running."""
+    return f"{PREFIX}:o:held:{wid}"
 
 
 def reply(request_id: str) -> str:

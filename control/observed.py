@@ -21,6 +21,14 @@ from control import keys
 #: Seconds between heartbeats; records expire after three missed beats.
 HEARTBEAT_INTERVAL = 1.0
 RECORD_TTL = 3 * HEARTBEAT_INTERVAL
+#: Slot leases (``keys.slot``) and a host's presence expire this long after the last
+#: renewal by the host's supervisor.
+LEASE_SECONDS = 10.0
+#: How long a worker goes on serving while its slot lease is absent (its supervisor is
+#: gone and has not come back to adopt it): then it drains itself. Longer than a lease,
+#: so that a supervisor restarted by ``mqserve start`` (within seconds) or by hand
+#: adopts its workers, and a lease that expired in a Redis outage is re-claimed first.
+LEASE_GRACE = 30.0
 
 
 class WorkerState(enum.StrEnum):
@@ -72,6 +80,8 @@ class WorkerRecord:
     #: the host's supervisor from its ``nvidia-smi`` samples (``GPU_USAGE_FIELD``), never
     #: by :meth:`to_mapping`, so the worker's own heartbeats cannot overwrite it.
     gpu_usage: str = ""
+    #: The replica slot (``keys.slot``) the worker serves; -1 in records of older versions.
+    slot: int = -1
 
     def to_mapping(self) -> dict[FieldT, EncodableT]:
         """The HASH fields the worker and its supervisor write (all but ``gpu_usage``)."""
@@ -87,6 +97,7 @@ class WorkerRecord:
             "reason": self.reason,
             "heartbeat": self.heartbeat,
             "since": self.since,
+            "slot": self.slot,
         }
 
     @classmethod
@@ -106,6 +117,7 @@ class WorkerRecord:
             heartbeat=float(data.get("heartbeat", "0")),
             since=float(data.get("since", "0")),
             gpu_usage=data.get(GPU_USAGE_FIELD, ""),
+            slot=int(data.get("slot", "-1")),
         )
 
 
@@ -115,9 +127,43 @@ def new_worker_id(client: redis.Redis) -> str:
     return str(keys.FIRST_WORKER_ID + n - 1)
 
 
-def publish(client: redis.Redis, record: WorkerRecord, ttl: float = RECORD_TTL) -> None:
-    """Write (or refresh) ``record`` with its TTL and index it under its model version."""
+# KEYS: worker hash, workers index, slot lease   ARGV: ttl ms, wid, host, field, value, ...
+# A serving state is written as DRAINING while another host holds the slot: a worker cut
+# off from Redis whose slot moved meanwhile never shows as serving when it comes back.
+_PUBLISH_GUARDED = """
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[3] then
+  for i = 4, #ARGV - 1, 2 do
+    if ARGV[i] == 'state' and ({}) then ARGV[i + 1] = '{}' end
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1
+""".format(
+    " or ".join(f"ARGV[i + 1] == '{s.value}'" for s in sorted(SERVING)),
+    WorkerState.DRAINING.value,
+)
+
+
+def publish(
+    client: redis.Redis, record: WorkerRecord, ttl: float = RECORD_TTL, lease: str = ""
+) -> None:
+    """Write (or refresh) ``record`` with its TTL and index it under its model version.
+
+    With ``lease`` (the worker's slot lease, ``keys.slot``), in one step: a serving state
+    is written as DRAINING when another host than ``record.host`` holds that lease.
+    """
     key = keys.worker(record.wid)
+    if lease:
+        fields = [str(v) for pair in record.to_mapping().items() for v in pair]
+        script = client.register_script(_PUBLISH_GUARDED)
+        script(
+            keys=[key, keys.workers(record.model, record.version), lease],
+            args=[int(ttl * 1000), record.wid, record.host, *fields],
+        )
+        return
     pipe = client.pipeline(transaction=True)
     pipe.hset(key, mapping=record.to_mapping())
     pipe.pexpire(key, int(ttl * 1000))

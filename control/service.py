@@ -112,6 +112,15 @@ class ManagementService:
             f"Failed to start workers for model {name} version: {ver}", outcome.status
         )
 
+    def _refuse_queued(self, name: str, version: str) -> None:
+        """Answer the requests queued for a version being unregistered: 503 at once."""
+        if self._dispatcher is not None:
+            refused = self._dispatcher.refuse_queued(name, version)
+            if refused:
+                log.info(
+                    "answered %d queued request(s) of %s:%s: unregistered", refused, name, version
+                )
+
     def _rollback(self, record: VersionRecord) -> None:
         spec = record.spec
         try:
@@ -177,11 +186,13 @@ class ManagementService:
         """``DELETE /models/{name}[/{version}]``: drain workers, then forget the version."""
         record = self.registry.prepare_unregister(name, version)
         spec = record.spec
+        self._refuse_queued(name, spec.version)
         drained = self._waiter.until_at_most(
             name, spec.version, 0, self.settings.unregister_model_timeout
         )
         if not drained:
             raise RequestTimeoutException(f"Timed out while cleaning resources: {name}")
+        self._refuse_queued(name, spec.version)  # any queued while the workers stopped
         self.registry.delete(name, spec.version)
         if spec.downloaded:
             self._store.remove(spec.archive)

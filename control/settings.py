@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from jproperties import Properties
 
 from control.metrics_schema import MetricsConfigError, load_metrics_config
+from control.observed import LEASE_GRACE
 
 #: TorchServe's default ``max_request_size``/``max_response_size``.
 DEFAULT_MAX_REQUEST_SIZE = 6553500
@@ -80,6 +81,11 @@ class Settings:
     #: their requests, and a stopping API server its in-flight calls (a synchronous
     #: register included), before SIGKILL. Bounds ``mqserve stop`` (``control.launcher``).
     stop_grace: int = 30
+    #: ``orphan_grace`` (seconds): how long a model worker goes on serving while its slot
+    #: lease is gone (its supervisor died and none came back to adopt it) before it drains
+    #: itself (``workers.heartbeat``). Longer than a 10 s lease, so a restarted supervisor
+    #: adopts its workers first.
+    orphan_grace: int = int(LEASE_GRACE)
     #: ``metrics_config``: a TorchServe metrics.yaml whose ``model_metrics`` are the
     #: handler metrics the page shows (None: the default one, TorchServe 0.12's). A
     #: relative path in config.properties is taken from the working directory.
@@ -161,6 +167,7 @@ _INT_KEYS = {
     "default_startup_timeout",
     "unregister_model_timeout",
     "stop_grace",
+    "orphan_grace",
 }
 _STR_KEYS = {
     "worker_start_method",

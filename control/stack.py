@@ -425,8 +425,13 @@ class Stack:
         last = [r for r in self._running if r.child.name == "redis"]
         for group in (others, last):
             live = [r for r in group if r.proc.poll() is None]
-            if live:
-                terminate([r.proc.pid for r in live], max(r.child.stop_timeout for r in live))
+            # Workers a crashed supervisor left (adopted by its successor or not) are
+            # below no child: they are stopped with the first group, from their pid files.
+            orphans = self.home.live_workers() if group is others else []
+            if live or orphans:
+                grace = float(self.settings.stop_grace)
+                timeout = max((r.child.stop_timeout for r in group), default=grace)
+                terminate([r.proc.pid for r in live] + orphans, timeout)
             for running in group:
                 running.proc.wait()
                 log.info(
@@ -434,6 +439,7 @@ class Stack:
                 )
                 self.home.pid_of(running.child.name).unlink(missing_ok=True)
         self._running.clear()
+        self.home.forget_workers()
         self.home.ready_file.unlink(missing_ok=True)
         self.settings.key_file.unlink(missing_ok=True)
 

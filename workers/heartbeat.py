@@ -11,6 +11,13 @@ worker whose check names a reason is published FAILED with that reason, which ma
 the supervisor replace it. The heartbeat outlives Redis outages: a beat that fails is
 retried on the next one, and the first beat after Redis returns re-creates the record
 (with its TTL) even if it expired meanwhile.
+
+A worker outlives its supervisor (a restarted supervisor adopts it) but not its slot:
+each beat also reads the worker's slot lease (:class:`LeaseWatch`). A lease held by
+another host means the slot was given to a replacement there (this host was cut off):
+the worker publishes DRAINING, never READY, and drains at once. A lease absent for
+longer than :data:`control.observed.LEASE_GRACE` means no supervisor came back for it:
+the worker drains too. While Redis is unreachable nothing is decided.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psutil
 import redis
@@ -30,6 +38,35 @@ from control.observed import WorkerRecord, WorkerState
 from workers.outage import Outage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LeaseWatch:
+    """Whether a worker may go on serving, from the holder of its slot lease.
+
+    ``key`` is the lease (``keys.slot``) and ``host`` the worker's own host. Stateful
+    only in when the lease was first seen absent: a supervisor re-claims a lease that
+    expired in an outage, or a restarted one adopts the worker, within the grace.
+    """
+
+    key: str
+    host: str
+    grace: float = observed.LEASE_GRACE
+    absent_since: float | None = None
+
+    def judge(self, holder: str | None, now: float) -> str:
+        """``""`` to go on serving, or why the worker must drain (``holder`` is the
+        lease's value as read now, None when absent)."""
+        if holder == self.host:
+            self.absent_since = None
+            return ""
+        if holder is not None:
+            return f"its slot was taken over by host {holder}"
+        if self.absent_since is None:
+            self.absent_since = now
+        if now - self.absent_since > self.grace:
+            return f"its slot lease has been gone for over {self.grace:g} s (no supervisor)"
+        return ""
 
 
 class Reporter:
@@ -46,6 +83,10 @@ class Reporter:
         self._busy_since = 0.0
         self._extra_keys: list[tuple[str, int]] = []
         self._liveness: Callable[[], str] | None = None
+        self._lease: LeaseWatch | None = None
+        self._on_lost: Callable[[str], None] | None = None
+        #: Why the worker gave its slot up ("" while it has it).
+        self.lost = ""
 
     @property
     def record(self) -> WorkerRecord:
@@ -56,12 +97,14 @@ class Reporter:
         next beat that reaches it (never raises for Redis)."""
         now = observed.now()
         memory = self._proc.memory_info().rss
+        if self.lost and state.serving:  # a worker that gave its slot up never serves again
+            state, reason = WorkerState.DRAINING, self.lost
         with self._lock:
             self._record = dataclasses.replace(
                 self._record, state=state, since=now, reason=reason, heartbeat=now, memory=memory
             )
             try:
-                observed.publish(self._r, self._record)
+                self._publish(self._record)
             except redis.RedisError as exc:
                 log.warning("worker state %s not published yet (Redis): %r", state.value, exc)
 
@@ -88,6 +131,12 @@ class Reporter:
             with self._lock:
                 self._busy -= 1
 
+    def guard(self, lease: LeaseWatch, on_lost: Callable[[str], None]) -> None:
+        """Read ``lease`` with every beat; the first time it says the worker must drain,
+        call ``on_lost(reason)`` (once) and publish DRAINING from then on."""
+        self._lease = lease
+        self._on_lost = on_lost
+
     def keep_alive(self, key: str, ttl_ms: int) -> None:
         """Refresh ``key``'s TTL with every beat (the worker's in-flight list)."""
         self._extra_keys.append((key, ttl_ms))
@@ -103,10 +152,33 @@ class Reporter:
         if self._thread is not None:
             self._thread.join(timeout=2 * observed.HEARTBEAT_INTERVAL)
 
+    def _publish(self, record: WorkerRecord) -> None:
+        """Publish ``record``; never as serving while another host holds the slot."""
+        observed.publish(self._r, record, lease=self._lease.key if self._lease else "")
+
+    def _check_lease(self) -> None:
+        """Read the slot lease (Redis errors propagate: nothing is decided then)."""
+        if self._lease is None or self.lost or self._record.state is WorkerState.DRAINING:
+            return  # a draining worker gave its slot up already (its lease is released)
+        holder = self._r.get(self._lease.key)
+        text = holder.decode() if isinstance(holder, bytes) else holder
+        reason = self._lease.judge(text, observed.now())
+        if reason:
+            log.warning("worker %s drains: %s", self._record.wid, reason)
+            self.lost = reason
+            with self._lock:
+                self._record = dataclasses.replace(
+                    self._record, state=WorkerState.DRAINING, since=observed.now(), reason=reason
+                )
+            if self._on_lost is not None:
+                self._on_lost(reason)
+
     def _beat_record(self, memory: int) -> WorkerRecord:
         """The record to publish now; READY and BUSY follow :meth:`busy`, FAILED the
-        liveness check."""
+        liveness check; a worker that lost its slot stays DRAINING."""
         record = dataclasses.replace(self._record, memory=memory, heartbeat=observed.now())
+        if self.lost:
+            return dataclasses.replace(record, state=WorkerState.DRAINING, reason=self.lost)
         reason = self._liveness() if record.state.serving and self._liveness else ""
         if reason:
             log.error("worker %s can no longer serve: %s", record.wid, reason)
@@ -124,10 +196,11 @@ class Reporter:
         outage = Outage("heartbeat", log)
         while not self._stop.wait(observed.HEARTBEAT_INTERVAL / 2):
             try:
+                self._check_lease()
                 memory = self._proc.memory_info().rss
                 with self._lock:
                     self._record = self._beat_record(memory)
-                    observed.publish(self._r, self._record)
+                    self._publish(self._record)
                 for key, ttl in self._extra_keys:
                     self._r.pexpire(key, ttl)
                 outage.recovered()

@@ -1,9 +1,12 @@
 """Starting worker processes, and clearing what an earlier supervisor left behind.
 
 A worker runs :func:`workers.process.main` with its device in ``CUDA_VISIBLE_DEVICES``,
-set before anything can initialise CUDA, so it never sees another GPU. It gets
-``PR_SET_PDEATHSIG`` so it is told to drain if its supervisor dies, and its own session
-so a Ctrl-C aimed at the supervisor does not bypass the supervisor's orderly drain.
+set before anything can initialise CUDA, so it never sees another GPU. It runs in its
+own session, so a Ctrl-C aimed at the supervisor does not bypass the supervisor's
+orderly drain, and it outlives its supervisor: a supervisor that starts adopts the live
+workers an earlier one of its host left (:func:`adopt_leftovers`), so a supervisor crash
+costs no request. A worker left without a supervisor drains itself once its slot lease
+has been gone for ``LEASE_GRACE`` (``workers.heartbeat``).
 
 Two ways to start one:
 
@@ -24,13 +27,12 @@ workers of that version on this host share the copy, as TorchServe's workers sha
 extracted model directory (it is their cwd, so files a handler writes there are shared
 too: handlers that write per-worker files must name them per process, as under
 TorchServe). The supervisor deletes a version's files when its last worker on this
-host has exited, and a restarted supervisor deletes everything its predecessor left.
+host has exited, and a restarted supervisor deletes what no adopted worker uses.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import logging
@@ -56,19 +58,14 @@ from control import keys, observed
 from control.devices import device_token
 from control.home import Home
 from control.registry import VersionRecord
+from workers.reconcile import EXIT_UNKNOWN
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 #: Mode of every directory :class:`ModelFiles` makes: the stack's user's alone.
 PRIVATE_DIR = 0o700
 #: A host name used as a path component as it is; any other is hashed.
 _PLAIN_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class WorkerProcess(Protocol):
@@ -167,6 +164,19 @@ class ModelFiles:
             with contextlib.suppress(OSError):  # the model's directory, if now empty
                 path.parent.rmdir()
 
+    def keep_only(self, versions: set[tuple[str, str]]) -> None:
+        """Delete every unpacked version of this host but ``versions`` (those adopted
+        workers use), and whatever an interrupted removal left."""
+        if not versions:
+            self.clear()
+            return
+        for stale in self.root.glob(".removing-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for model_dir in (p for p in self.root.glob("*") if p.is_dir() and p.name[0] != "."):
+            for version_dir in (p for p in model_dir.glob("*") if p.is_dir()):
+                if (model_dir.name, version_dir.name) not in versions:
+                    self.remove(model_dir.name, version_dir.name)
+
     def clear(self) -> None:
         """Delete everything unpacked for this host: what a dead supervisor's workers left."""
         parent = self.root.parent
@@ -247,7 +257,6 @@ class WorkerSpawner:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
 
 
@@ -301,7 +310,6 @@ def _become_worker(argv: list[str], env: dict[str, str], log_path: Path) -> NoRe
     code = 70
     try:
         os.setsid()
-        _die_with_parent()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -325,47 +333,122 @@ def _become_worker(argv: list[str], env: dict[str, str], log_path: Path) -> NoRe
         os._exit(code)
 
 
-def replace_leftovers(
-    client: redis.Redis, host: str, files: ModelFiles, timeout: float = 15.0
-) -> int:
-    """Stop workers and drop leases an earlier supervisor of ``host`` left, then delete
-    the model files of this host (``files``); returns how many workers it stopped.
+class AdoptedWorker:
+    """A live worker an earlier supervisor of this host started, with the ``Popen``
+    methods the supervisor needs. It is not our child: its exit status cannot be read
+    (``returncode`` becomes :data:`workers.reconcile.EXIT_UNKNOWN`), and psutil checks
+    the process's identity (its start time) before every signal, so a reused pid is
+    never signalled."""
 
-    A supervisor that was killed takes its workers with it (PDEATHSIG), but their
-    records and slot leases outlive it for a few seconds, and a worker may still be
-    draining. Starting clean is simpler and safer than adopting processes this
-    supervisor cannot reap. The files go after the workers, which may still read them.
+    def __init__(self, proc: psutil.Process) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                gone = not self._proc.is_running() or self._proc.status() == psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                gone = True
+            if gone:
+                self.returncode = EXIT_UNKNOWN
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self._proc.send_signal(sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+            time.sleep(0.01)
+        return code
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A worker of this host that an earlier supervisor started: adopted (its live
+    ``process``), or found dead (None: its requests and batch chunk need answering)."""
+
+    record: observed.WorkerRecord
+    process: AdoptedWorker | None
+
+
+def adopt_leftovers(
+    client: redis.Redis, host: str, files: ModelFiles, timeout: float = 15.0
+) -> list[Leftover]:
+    """Take over what an earlier supervisor of ``host`` left; returns the adopted workers
+    and, with no process, those whose record outlived them.
+
+    A worker is adopted when its process is alive (the very process its record names:
+    created before the record) and its slot lease is still this host's, or free (then
+    it is claimed for this host again). A worker whose slot another host took meanwhile
+    is stopped (drained, then killed after ``timeout``); records of dead workers,
+    leases of this host that no adopted worker holds and model files that no adopted
+    worker uses are deleted. Redis errors propagate (the caller retries).
     """
-    stale = []
+    adopted: list[Leftover] = []
+    dead: list[Leftover] = []
+    lease_ms = int(observed.LEASE_SECONDS * 1000)
+    for record in _records_of(client, host):
+        proc = _same_process(record.pid, record.started_at)
+        lease = keys.slot(record.model, record.version, record.slot)
+        if proc is None:
+            dead.append(Leftover(record, None))
+        elif record.slot >= 0 and (
+            client.get(lease) == host or client.set(lease, host, nx=True, px=lease_ms)
+        ):
+            log.info("adopting worker %s (pid %d) of %s:%s", record.wid, proc.pid,
+                     record.model, record.version)  # fmt: skip
+            adopted.append(Leftover(record, AdoptedWorker(proc)))
+            continue
+        else:  # its slot went to another host meanwhile (or the record names none)
+            log.info("stopping leftover worker %s (pid %d): its slot has moved", record.wid,
+                     proc.pid)  # fmt: skip
+            _stop(proc, timeout)
+        observed.remove(client, record)
+    held = {keys.slot(a.record.model, a.record.version, a.record.slot) for a in adopted}
+    for key in client.scan_iter(match=keys.slot("*", "*", "*"), count=200):
+        if key not in held and client.get(key) == host:
+            client.delete(key)
+    files.keep_only({(a.record.model, a.record.version) for a in adopted})
+    return adopted + dead
+
+
+def _records_of(client: redis.Redis, host: str) -> list[observed.WorkerRecord]:
+    records = []
     for key in client.scan_iter(match=keys.worker("*"), count=200):
         record = observed.read(client, str(key).rsplit(":", 1)[-1])
         if record is not None and record.host == host:
-            stale.append(record)
-    for record in stale:
-        _stop_leftover(record.pid, record.wid, record.started_at, timeout)
-        observed.remove(client, record)
-    for key in client.scan_iter(match=keys.slot("*", "*", "*"), count=200):
-        if client.get(key) == host:
-            client.delete(key)
-    files.clear()
-    return len(stale)
+            records.append(record)
+    return records
 
 
-def _stop_leftover(pid: int, wid: str, started_at: float, timeout: float) -> None:
+def _same_process(pid: int, started_at: float) -> psutil.Process | None:
+    """The live process ``pid`` if it is the one that wrote a record at ``started_at``."""
+    if pid <= 0 or pid in (os.getpid(), os.getppid()):
+        return None
     try:
         proc = psutil.Process(pid)
         created = proc.create_time()
+        zombie = proc.status() == psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError):
-        return
+        return None
     # A process created after the worker wrote its record is an unrelated one that
     # reused the pid (forked workers share the supervisor's command line, so the
     # command line cannot tell).
-    if pid in (os.getpid(), os.getppid()) or created > started_at + 1.0:
-        return
-    log.info("stopping leftover worker %s (pid %d)", wid, pid)
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except psutil.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    return None if zombie or created > started_at + 1.0 else proc
+
+
+def _stop(proc: psutil.Process, timeout: float) -> None:
+    with contextlib.suppress(psutil.Error):
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -21,7 +21,7 @@ from control import keys
 from control.devices import visible_gpus
 from control.redis_io import redis_bytes_client, redis_client
 from control.settings import Settings
-from workers.launch import ForkSpawner, ModelFiles, WorkerSpawner, replace_leftovers
+from workers.launch import ForkSpawner, ModelFiles, WorkerSpawner, adopt_leftovers
 from workers.outage import until_available
 from workers.supervisor import Supervisor
 
@@ -59,13 +59,15 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
     # exit; a stop signal meanwhile ends the wait (and the supervisor, with no workers).
     files = ModelFiles.of(settings.home, host)
     left = until_available(
-        lambda: replace_leftovers(client, host, files), stop, "supervisor start-up", log
+        lambda: adopt_leftovers(client, host, files), stop, "supervisor start-up", log
     )
     if left is None:
         log.info("supervisor %s stopped before Redis was reachable", host)
         return
+    alive = sum(1 for leftover in left if leftover.process is not None)
     if left:
-        log.info("replaced %d worker(s) left by an earlier supervisor of %s", left, host)
+        log.info("adopted %d live worker(s) of %d left by an earlier supervisor of %s",
+                 alive, len(left), host)  # fmt: skip
     # Fork by default: the supervisor has imported what a worker needs, so a worker
     # starts in milliseconds. Importing workers.process here is that preloading.
     import workers.process  # noqa: F401
@@ -74,6 +76,7 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
     spawner = kind(settings_file, host, settings.home / "logs")
     frames = redis_bytes_client(settings.redis_url)
     supervisor = Supervisor(settings, client, host, spawner, devices, frames=frames)
+    supervisor.adopt(left)
     log.info("supervisor %s running with GPUs %s", host, list(devices) or "none")
     try:
         supervisor.run(stop)

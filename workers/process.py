@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from celery import signals
 from control import keys
 from control.archive import ModelStore
 from control.errors import ModelServerError
+from control.home import Home, write_pid
 from control.metrics import MetricsRecorder, ModelMetrics
 from control.metrics_schema import MetricsConfig, MetricsConfigError
 from control.observed import WorkerRecord, WorkerState
@@ -38,7 +40,7 @@ from workers.handling.compat import install_compat_path
 from workers.handling.loader import LoadError, enter_model_dir, load_handler
 from workers.handling.metrics import config_at
 from workers.handling.service import LoadedModel
-from workers.heartbeat import Reporter
+from workers.heartbeat import LeaseWatch, Reporter
 from workers.launch import ModelFiles, registration_tag
 from workers.serving import Batcher, ModelRunner, OnlineLoop, block_slack
 from workers.tasks import register_tasks
@@ -167,14 +169,25 @@ def main(argv: list[str] | None = None) -> int:
         started,
         since=started,
         heartbeat=started,
+        slot=args.slot,
     )
     reporter = Reporter(client, record)
+    # The worker outlives a supervisor that crashed, until a successor adopts it or
+    # its slot goes (workers.heartbeat): draining is a SIGTERM to itself.
+    lease = LeaseWatch(
+        keys.slot(args.model, args.version, args.slot), args.host, float(settings.orphan_grace)
+    )
+    reporter.guard(lease, lambda reason: os.kill(os.getpid(), signal.SIGTERM))
+    pid_file = Home.at(settings.home).worker_pid_of(args.wid)
+    pid_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_pid(pid_file, os.getpid())  # how a stop finds a worker whose supervisor is gone
     reporter.set_state(WorkerState.LOADING)
     reporter.start()
     try:
         return _serve(settings, args, reporter)
     finally:
         reporter.stop()
+        pid_file.unlink(missing_ok=True)
 
 
 def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> int:
@@ -208,7 +221,9 @@ def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> 
     runner = ModelRunner(model, reporter.busy, observe)
     app = make_celery(settings)
     broker.guard(app)  # a queue entry that is not a message must not stop the worker
-    register_tasks(app, runner, redis_client(settings.redis_url or ""))
+    tasks_client = redis_client(settings.redis_url or "")
+    timeout = Registry(tasks_client).get(args.model, args.version).spec.response_timeout
+    register_tasks(app, runner, tasks_client, args.wid, timeout)
     online = _online_loop(settings, args, runner, reporter)
     # A loop that died or is stuck turns the worker FAILED: the supervisor replaces it.
     reporter.watch(online.failure)

@@ -37,6 +37,10 @@ DRAIN_GRACE = 10.0
 #: why); one still running after this cannot serve (e.g. its request loop died).
 FAILED_GRACE = 5.0
 
+#: The ``exit_code`` of a worker that exited while not our child (an adopted one): its
+#: status cannot be read. No signal has this number.
+EXIT_UNKNOWN = -256
+
 Key = tuple[str, str]
 
 
@@ -203,6 +207,12 @@ def plan(desired: Iterable[Target], observed: Observed) -> list[Action]:
     gpu_load = Counter(p.gpu for p in observed.processes if p.exit_code is None)
     for key in sorted(set(targets) | _held_keys(observed)):
         actions.extend(_slots(key, targets.get(key), observed, gpu_load))
+    # A slot in back-off here that another host took meanwhile (this one was cut off)
+    # is not ours to retry: forget its failures.
+    for model, version, slot in sorted(observed.backoff):
+        holder = observed.slots.get((model, version), {}).get(slot)
+        if holder is not None and holder != observed.host:
+            actions.append(Release(model, version, slot))
     return actions
 
 
@@ -216,12 +226,19 @@ def _judge(proc: Process, target: Target | None, obs: Observed) -> list[Action]:
         if now - proc.stop_sent_at > grace:
             return [Kill(proc.wid, "")]
         return []
-    if target is None or proc.slot >= target.max_workers:
+    if target is None or proc.slot >= target.max_workers or _moved(proc, obs):
         return [Stop(proc.wid)]
     reason = _stuck(proc, target, obs)
     if reason:
         return [Kill(proc.wid, reason)]
     return []
+
+
+def _moved(proc: Process, obs: Observed) -> bool:
+    """True when another host holds ``proc``'s slot: this host was cut off and the slot
+    restarted there. The worker is drained (it drains itself too), not failed."""
+    holder = obs.slots.get(proc.key, {}).get(proc.slot)
+    return holder is not None and holder != obs.host
 
 
 def _stuck(proc: Process, target: Target, obs: Observed) -> str:
@@ -243,6 +260,8 @@ def _stuck(proc: Process, target: Target, obs: Observed) -> str:
 def _reaped(proc: Process, target: Target | None, obs: Observed) -> Action:
     """An exited process: a clean drain, or a failure of its slot."""
     asked = proc.stop_sent_at is not None and not proc.kill_reason
+    if _moved(proc, obs):  # it drained itself: its slot runs elsewhere, no failure here
+        return Forget(proc.wid, proc.model, proc.version, proc.slot, release=False)
     if asked or target is None or proc.slot >= target.max_workers:
         # A drained worker gave its slot up when it was told to stop.
         return Forget(
@@ -261,6 +280,8 @@ def _reaped(proc: Process, target: Target | None, obs: Observed) -> Action:
 
 
 def _exit_text(code: int | None) -> str:
+    if code == EXIT_UNKNOWN:
+        return "Worker died (exit status unknown: adopted from an earlier supervisor)"
     if code is not None and code < 0:
         return f"Worker died (signal {-code})"
     return f"Worker died (exit code {code})"

@@ -30,7 +30,7 @@ from workers.outage import Outage
 log = logging.getLogger(__name__)
 
 #: Reply lists outlive an absent client by this much, then expire.
-REPLY_TTL_MS = 60_000
+REPLY_TTL_MS = keys.REPLY_TTL_MS
 #: The error for a request older than its model's ``clientTimeoutInMills`` when taken.
 EXPIRED = "Request timed out in the queue (clientTimeoutInMills)."
 #: How often an idle loop wakes to check whether it should stop.
@@ -46,6 +46,9 @@ MALFORMED = "Malformed request frame: {}"
 LOOP_FAILED = "Internal Server Error"
 #: Pause after an unexpected error in the online loop, so a bug does not spin.
 ERROR_PAUSE = 0.5
+#: How long a worker keeps trying to deliver the replies of a batch it ran while Redis
+#: is unreachable (as long as a waiting API rides out an outage, control.dispatch).
+REPLY_RETRY_S = 30.0
 #: The online loop counts as stuck when it made no progress for this long (plus its
 #: batching window) outside the handler (the handler has response_timeout, which the
 #: supervisor watches): longer than any one Redis call can take.
@@ -340,12 +343,38 @@ class OnlineLoop:
         finally:
             self._handling = False
             self._progress = time.monotonic()
-        pipe = self._r.pipeline(transaction=False)
-        for (frame, request), reply in zip(group, replies, strict=True):
-            # The reply before the LREM: a waiting API never sees the request nowhere.
-            _push_reply(pipe, request.id, reply)
-            pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
-        pipe.execute()
+        self._deliver(group, replies)
+
+    def _deliver(self, group: list[tuple[bytes, Request]], replies: list[Reply]) -> None:
+        """Push the replies of a batch and take its frames off the in-flight list, riding
+        out a Redis outage of up to :data:`REPLY_RETRY_S` seconds.
+
+        A reply must not be dropped: its frame would stay in the in-flight list of a live
+        worker (Redis keeps it across a restart), which the waiting API counts as still
+        being worked on, so its client would wait until its own timeout. Pushing a reply
+        twice (the first attempt applied, its answer lost) is harmless: the API pops one
+        and the list expires. Past the limit the error goes up to the loop; the waiting
+        APIs have answered 503 by then (``control.dispatch`` rides out 30 s).
+        """
+        outage = Outage("online loop replies", log)
+        give_up = time.monotonic() + REPLY_RETRY_S
+        while True:
+            pipe = self._r.pipeline(transaction=False)
+            for (frame, request), reply in zip(group, replies, strict=True):
+                # The reply before the LREM: a waiting API never sees the request nowhere.
+                _push_reply(pipe, request.id, reply)
+                pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
+            try:
+                pipe.execute()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() >= give_up:
+                    raise
+                # Not the stop event's wait: a stopping worker still owes these replies.
+                time.sleep(outage.failed(exc))
+                self._progress = time.monotonic()
+                continue
+            outage.recovered()
+            return
 
 
 def _push_reply(pipe: Any, request_id: str, reply: Reply) -> None:

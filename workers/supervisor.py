@@ -5,9 +5,10 @@ records and the slot leases (observed state), asks :func:`plan` what to do, and 
 All decisions live in ``plan``; this module only observes and applies.
 
 It owns its worker processes: it starts them (``workers.process``), reaps them, and
-stops them with SIGTERM (drain) or SIGKILL (stuck). Workers die with it
-(``PR_SET_PDEATHSIG``), and a supervisor that starts on a host first replaces whatever
-a previous incarnation left there, so a restart never duplicates workers.
+stops them with SIGTERM (drain) or SIGKILL (stuck). Workers outlive it: a supervisor
+that starts on a host first adopts the live workers a previous incarnation left there
+(:meth:`Supervisor.adopt`, from ``workers.launch.adopt_leftovers``), with their slots,
+so a supervisor crash costs no request and a restart never duplicates workers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from control.observed import GPU_USAGE_FIELD, WorkerRecord, WorkerState
 from control.registry import Registry, VersionRecord
 from control.settings import Settings
 from workers import reconcile
-from workers.launch import ModelFiles, WorkerProcess
+from workers.jobs import chunk_sender, requeue_held
+from workers.launch import Leftover, ModelFiles, WorkerProcess
 from workers.outage import Outage
 from workers.reconcile import Action, Backoff, Observed, Process, Target
 from workers.serving import answer_all
@@ -40,13 +42,21 @@ from workers.serving import answer_all
 log = logging.getLogger(__name__)
 
 #: Slot leases and the host's presence expire this long after the last renewal.
-LEASE_SECONDS = 10.0
+LEASE_SECONDS = observed.LEASE_SECONDS
 #: Longest pause between ticks; a desired-state change wakes the loop at once.
 TICK_SECONDS = 0.25
 
+# 1: renewed; 2: it had expired (a Redis outage longer than a lease) and nobody took it,
+# so it is this host's again; 0: another host holds it.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
 end
 return 0
 """
@@ -142,6 +152,31 @@ class Supervisor:
         self._files = ModelFiles.of(settings.home, host)
         #: When the last Redis outage ended (clock time; 0: none yet).
         self._outage_ended = 0.0
+
+    def adopt(self, leftovers: list[Leftover]) -> None:
+        """Own the workers an earlier supervisor of this host left (their slot leases are
+        already this host's): they are observed, renewed, drained and reaped like the
+        ones this supervisor starts. A worker that was draining goes on draining. One
+        that died meanwhile (no process) has its requests and batch chunk seen to now."""
+        now = self._clock()
+        for left in leftovers:
+            record = left.record
+            if left.process is None:
+                self._bury(record.wid)
+                continue
+            handle = Handle(
+                left.process,
+                record.wid,
+                record.model,
+                record.version,
+                record.slot,
+                record.gpu,
+                record.started_at,
+                reported=record.state is not WorkerState.STARTING,
+            )
+            if record.state is WorkerState.DRAINING:
+                handle.stop_sent_at = now
+            self._handles[record.wid] = handle
 
     # -- one tick ------------------------------------------------------------------------
 
@@ -257,6 +292,7 @@ class Supervisor:
             now,
             since=now,
             heartbeat=now,
+            slot=action.slot,
         )
         observed.publish(self._r, record)
         log.info(
@@ -312,14 +348,7 @@ class Supervisor:
             action.backoff.failures,
             action.backoff.reason,
         )
-        self._publish_failure(
-            handle.wid,
-            action.model,
-            action.version,
-            handle.gpu,
-            handle.spawned_at,
-            action.backoff.reason,
-        )
+        self._publish_failure(handle, action.backoff.reason)
 
     def _release_files(self, model: str, version: str) -> None:
         """Delete the version's unpacked archive once no worker of it is left on this host.
@@ -338,28 +367,34 @@ class Supervisor:
         exit code 137; any other death is 500.
         """
         oom = handle.popen.poll() == -signal.SIGKILL and not handle.kill_reason
-        answered = answer_all(
-            self._frames, keys.inflight(handle.wid), 507 if oom else 500, "Worker died."
-        )
-        if answered:
-            log.warning("answered %d request(s) of dead worker %s", answered, handle.wid)
+        self._bury(handle.wid, 507 if oom else 500)
 
-    def _publish_failure(
-        self, wid: str, model: str, version: str, gpu: int, started: float, reason: str
-    ) -> None:
+    def _bury(self, wid: str, status: int = 500) -> None:
+        """Answer dead worker ``wid``'s in-flight requests with ``status`` "Worker died."
+        and requeue the batch-job chunk it held."""
+        answered = answer_all(self._frames, keys.inflight(wid), status, "Worker died.")
+        if answered:
+            log.warning("answered %d request(s) of dead worker %s", answered, wid)
+        # Its batch-job chunk too, now rather than after the broker's visibility timeout.
+        requeued = requeue_held(self._r, wid, chunk_sender(self.settings))
+        if requeued:
+            log.warning("requeued %d batch-job item(s) of dead worker %s", requeued, wid)
+
+    def _publish_failure(self, handle: Handle, reason: str) -> None:
         now = self._clock()
         record = WorkerRecord(
-            wid,
-            model,
-            version,
+            handle.wid,
+            handle.model,
+            handle.version,
             self.host,
             -1,
-            gpu,
+            handle.gpu,
             WorkerState.FAILED,
-            started,
+            handle.spawned_at,
             reason=reason,
             since=now,
             heartbeat=now,
+            slot=handle.slot,
         )
         observed.publish(self._r, record, ttl=LEASE_SECONDS)
 
@@ -376,14 +411,17 @@ class Supervisor:
         lease = int(LEASE_SECONDS * 1000)
         for handle in list(self._handles.values()):
             slot = keys.slot(handle.model, handle.version, handle.slot)
-            if handle.stop_sent_at is None and not self._renew(
-                keys=[slot], args=[self.host, lease]
-            ):
+            if handle.stop_sent_at is not None:
+                pass
+            elif (renewed := self._renew(keys=[slot], args=[self.host, lease])) == 0:
                 log.error("lost the lease of %s; draining worker %s", slot, handle.wid)
                 self._stop(handle)
+            elif renewed == 2:
+                log.warning("the lease of %s had expired; claimed it again", slot)
             if not handle.reported and handle.popen.poll() is None:
                 self._r.pexpire(keys.worker(handle.wid), lease)
         for (model, version, index), backoff in self._backoff.items():
+            # A slot another host took meanwhile is not renewed here (plan releases it).
             self._renew(keys=[keys.slot(model, version, index)], args=[self.host, lease])
             self._r.pexpire(keys.worker(backoff.wid), lease)
         now = self._clock()

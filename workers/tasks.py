@@ -19,7 +19,7 @@ from celery import Celery
 
 from control.jobs import BATCH_TASK
 from workers.handling.types import HandlerFailure
-from workers.jobs import run_chunk
+from workers.jobs import held_ttl, holding, run_chunk
 from workers.messages import MessageError, failure_message, parse_request, reply_message
 from workers.serving import Handles
 
@@ -31,6 +31,8 @@ MAX_CHUNK_ITEMS = 65_536
 #: The answer to a batch-job message that does not validate (nobody reads it: the
 #: task ignores results; it is for the log and the tests).
 BAD_CHUNK = "Invalid batch job message"
+#: ``response_timeout`` when the caller names none (``control.spec.ModelSpec``'s default).
+DEFAULT_RESPONSE_TIMEOUT = 120.0
 
 
 def predict(model: Handles, message: Any) -> dict[str, Any]:
@@ -62,11 +64,21 @@ def chunk_problem(job_id: Any, start: Any, end: Any) -> str:
     return ""
 
 
-def register_tasks(app: Celery, model: Handles, client: redis.Redis) -> None:
-    """Bind the tasks of a model worker to ``model``; batch jobs live in ``client``'s Redis.
+def register_tasks(
+    app: Celery,
+    model: Handles,
+    client: redis.Redis,
+    wid: str,
+    response_timeout: float = DEFAULT_RESPONSE_TIMEOUT,
+) -> None:
+    """Bind the tasks of model worker ``wid`` to ``model``; batch jobs live in
+    ``client``'s Redis.
 
     ``model`` is shared by both tasks and the online loop (``workers.serving.ModelRunner``
-    serialises them), which is how batch jobs share a worker with online requests.
+    serialises them), which is how batch jobs share a worker with online requests. While
+    a batch-job chunk runs, the worker's held marker names it (``workers.jobs.holding``,
+    living :func:`workers.jobs.held_ttl` of ``response_timeout``), so that its supervisor
+    requeues the chunk at once if the worker dies.
     """
 
     # typing=False and *args: a call with the wrong arguments is answered 400 by us,
@@ -100,5 +112,8 @@ def register_tasks(app: Celery, model: Handles, client: redis.Redis) -> None:
         if problem:
             log.error("invalid %s message dropped: %s", BATCH_TASK, problem)
             return failure_message(400, f"{BAD_CHUNK}: {problem}")
-        run_chunk(client, model, *args)
+        job_id, start, end = args
+        # Cleared however the chunk ends, a raise included: only a dead worker leaves one.
+        with holding(client, wid, job_id, start, end, held_ttl(response_timeout, end - start)):
+            run_chunk(client, model, job_id, start, end)
         return None

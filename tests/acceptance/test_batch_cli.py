@@ -10,7 +10,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, wait_for
 
 MQSERVE = Path(sys.executable).with_name("mqserve")
 MANIFEST = {
@@ -60,20 +62,32 @@ class Stack:
         )
         assert started.returncode == 0, started.stdout + started.stderr
 
-    def mqserve(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def env(self) -> dict[str, str]:
+        """The environment of a user whose ``MQSERVE_HOME`` is this stack's."""
         env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE",)}
         env.pop("MQSERVE_REDIS_URL", None)
         env["MQSERVE_HOME"] = str(self.home)
+        return env
+
+    def mqserve(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(MQSERVE), *args], env=env, capture_output=True, text=True, timeout=300, cwd=cwd
+            [str(MQSERVE), *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=cwd,
         )
 
     def register(self, workers: int) -> None:
+        self.manage("POST", f"/models?url=echo.mar&initial_workers={workers}&synchronous=true")
+
+    def manage(self, method: str, path: str) -> None:
+        """One management call that must answer 200."""
         key = json.loads((self.home / "key_file.json").read_text())["management"]["key"]
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
-            path = f"/models?url=echo.mar&initial_workers={workers}&synchronous=true"
-            conn.request("POST", path, headers={"Authorization": f"Bearer {key}"})
+            conn.request(method, path, headers={"Authorization": f"Bearer {key}"})
             resp = conn.getresponse()
             assert resp.status == 200, resp.read()
         finally:
@@ -127,3 +141,48 @@ def test_batch_errors_are_one_line(stack: Stack, tmp_path: Path) -> None:
     inputs.write_text("1\n")
     result = stack.mqserve("batch", "nope", str(inputs), "-o", str(tmp_path / "o.jsonl"))
     assert (result.returncode, result.stderr) == (1, "Error: Model not found: nope\n")
+
+
+def test_ctrl_c_leaves_the_job_and_attach_prints_its_results(stack: Stack, tmp_path: Path) -> None:
+    stack.register(0)  # nobody serves the model yet: the job waits in its queue
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(50)))
+    stderr = tmp_path / "first.err"
+    with stderr.open("w") as err:
+        first = subprocess.Popen(
+            [str(MQSERVE), "batch", "echo", str(inputs), "-o", str(tmp_path / "first.jsonl")],
+            env=stack.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        submitted = re.compile(r"job ([0-9a-f]{32}): 50 items\nbatch")  # then the progress
+        wait_for(lambda: submitted.search(stderr.read_text()), 60, "the job id")
+        first.send_signal(signal.SIGINT)  # the user presses Ctrl-C
+        assert first.wait(30) == 2, stderr.read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    match = submitted.search(stderr.read_text())
+    assert match is not None
+    job_id = match.group(1)
+    assert f"mqserve batch --attach {job_id} -o FILE" in stderr.read_text()
+    assert "Traceback" not in stderr.read_text()
+    assert not (tmp_path / "first.jsonl").exists()
+
+    stack.manage("PUT", "/models/echo?min_worker=1&synchronous=true")
+    result = stack.mqserve("batch", "--attach", job_id, "-o", "results.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"job {job_id} (echo 1.0, " in result.stderr
+    assert read_lines(tmp_path / "results.jsonl") == [
+        {"index": i, "status": 200, "result": {"echo": {"n": i}}} for i in range(50)
+    ]
+    assert "all 50 items succeeded" in result.stderr
+
+    unknown = stack.mqserve("batch", "--attach", "0" * 32, "-o", str(tmp_path / "o.jsonl"))
+    assert unknown.returncode == 1
+    assert unknown.stderr == (
+        f"Error: no batch job {'0' * 32}: the id is unknown, or the job expired "
+        "(jobs live in Redis for a day)\n"
+    )

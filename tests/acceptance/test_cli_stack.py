@@ -1,46 +1,35 @@
 """``mqserve start|stop|status`` as an operator runs them: real Redis, real gunicorn.
 
-Each stack gets a short ``MQSERVE_HOME`` under /tmp (the Redis unix socket path is
-limited to 107 bytes) and free ports chosen here, with ``stop_grace=3`` so that stops
-are quick. Teardown stops every stack and kills whatever it recorded (pid files, their
-descendants, the model workers), even when a test fails.
+The stacks are :class:`tests.support.stack.Server` instances (a short home under /tmp,
+free ports, ``stop_grace=3``). Teardown stops every stack and kills whatever it recorded
+(pid files, their descendants, the model workers), even when a test fails.
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
+import socket
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 import redis
 
-from tests.support.processes import free_port
+from control import keys
+from tests.support.stack import (
+    STOP_GRACE,
+    Server,
+    aof_holds,
+    build_noop_mar,
+    gone,
+    models_status,
+    predict,
+    register,
+    wait_until,
+)
 
-MQSERVE = Path(sys.executable).with_name("mqserve")
-MANIFEST = {
-    "runtime": "python",
-    "model": {"modelName": "noop", "handler": "noop_handler.py", "modelVersion": "1.0"},
-    "archiverVersion": "0.12.0",
-}
-
-if shutil.which("redis-server") is None:  # CI installs it; never skip silently
-    raise RuntimeError("redis-server is required: apt-get install -y redis-server")
-
-
-STOP_GRACE = 3
 # TorchServe calls a module handler with None once, to initialize it: only requests stick.
 SLOW_LOAD_HANDLER = """import time
 
@@ -58,142 +47,6 @@ def handle(data, context):
         time.sleep(600)
     return data
 """
-
-
-def build_noop_mar(path: Path, name: str = "noop", handler: str | None = None) -> None:
-    model = {**MANIFEST["model"], "modelName": name}  # type: ignore[dict-item]
-    manifest = {**MANIFEST, "model": model}
-    with zipfile.ZipFile(path, "w") as mar:
-        mar.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
-        mar.writestr("noop_handler.py", handler or "def handle(data, context):\n    return data\n")
-
-
-def gone(proc: psutil.Process) -> bool:
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-class Server:
-    """One stack's home, model store, ports and the commands to drive it."""
-
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="mqs-", dir="/tmp"))
-        self.home = self.root / "h"
-        self.store = self.root / "store"
-        self.store.mkdir()
-        build_noop_mar(self.store / "noop.mar")
-        self.port = free_port()
-        self.inference_port = free_port()
-        self.metrics_port = free_port()
-        self.config = self.root / "config.properties"
-        self.config.write_text(
-            f"inference_address=http://127.0.0.1:{self.inference_port}\n"
-            f"management_address=http://127.0.0.1:{self.port}\n"
-            f"metrics_address=http://127.0.0.1:{self.metrics_port}\n"
-            f"stop_grace={STOP_GRACE}\n"
-        )
-        self.seen: list[psutil.Process] = []
-
-    def mqserve(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE",)}
-        env.pop("MQSERVE_REDIS_URL", None)
-        env["MQSERVE_HOME"] = str(self.home)
-        return subprocess.run(
-            [str(MQSERVE), *args], env=env, capture_output=True, text=True, timeout=180
-        )
-
-    def start(self, *extra: str) -> None:
-        result = self.mqserve(
-            "start", "--ts-config", str(self.config), "--model-store", str(self.store), *extra
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        self.seen.extend(self.processes())
-
-    def stop(self) -> subprocess.CompletedProcess[str]:
-        return self.mqserve("stop")
-
-    def processes(self) -> list[psutil.Process]:
-        """The runner and everything below it (Redis, gunicorn master and workers)."""
-        runner = psutil.Process(int((self.home / "run" / "mqserve.pid").read_text().split()[0]))
-        return [runner, *runner.children(recursive=True)]
-
-    def recorded(self) -> dict[str, psutil.Process]:
-        """Each live process named by a pid file (the start time must match, as in the CLI)."""
-        found = {}
-        for path in (self.home / "run").glob("*.pid"):
-            pid, started = path.read_text().split()
-            try:
-                proc = psutil.Process(int(pid))
-            except psutil.NoSuchProcess:
-                continue
-            if abs(proc.create_time() - float(started)) < 0.01 and not gone(proc):
-                found[path.stem] = proc
-        return found
-
-    def everything(self) -> list[psutil.Process]:
-        """Every recorded process and every process below one (model workers too)."""
-        procs = list(self.recorded().values())
-        for proc in list(procs):
-            with contextlib.suppress(psutil.Error):
-                procs.extend(proc.children(recursive=True))
-        self.seen.extend(procs)
-        return procs
-
-    def log(self, name: str = "mqserve") -> str:
-        return (self.home / "logs" / f"{name}.log").read_text(errors="replace")
-
-    def respawned(self, name: str, old: psutil.Process, timeout: float = 60) -> psutil.Process:
-        """Wait until the launcher has recorded a new live process for ``name``."""
-        assert wait_until(
-            lambda: name in self.recorded() and self.recorded()[name].pid != old.pid, timeout
-        ), f"{name} was not restarted; launcher log:\n{self.log()}"
-        self.seen.append(self.recorded()[name])
-        return self.recorded()[name]
-
-    def key(self, role: str = "management") -> str:
-        data = json.loads((self.home / "key_file.json").read_text())
-        return str(data[role]["key"])
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        key: str | None = None,
-        port: int | None = None,
-        body: str | None = None,
-        timeout: float = 30,
-    ) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, json.loads(resp.read())
-        finally:
-            conn.close()
-
-    def cleanup(self) -> None:
-        with contextlib.suppress(OSError):
-            self.everything()
-        if any((self.home / "run").glob("*.pid")):
-            self.stop()
-        for proc in self.seen:  # a safety net: never leave a stack behind
-            if not gone(proc):
-                proc.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -316,35 +169,6 @@ def test_stop_and_status_when_not_running_exit_1(servers: Callable[[], Server]) 
 # -- the launcher supervises its children ----------------------------------------------
 
 
-def aof_holds(server: Server, text: bytes) -> bool:
-    """True once Redis's append-only files hold ``text`` (fsynced every second)."""
-    files = (server.home / "redis").rglob("*.aof")
-    return any(text in path.read_bytes() for path in files)
-
-
-def register(server: Server, url: str, workers: int, timeout: float = 120) -> None:
-    query = f"/models?url={url}&initial_workers={workers}&synchronous=true"
-    status, body = server.request("POST", query, server.key(), timeout=timeout)
-    assert status == 200, body
-
-
-def predict(server: Server, model: str = "noop", timeout: float = 30) -> int:
-    port, key = server.inference_port, server.key("inference")
-    try:
-        path = f"/predictions/{model}"
-        return server.request("POST", path, key, port, body='{"x": 1}', timeout=timeout)[0]
-    except OSError:
-        return 0
-
-
-def models_status(server: Server) -> int:
-    """``GET /models``'s status, or 0 while the port does not answer."""
-    try:
-        return server.request("GET", "/models", server.key(), timeout=5)[0]
-    except OSError:
-        return 0
-
-
 def test_a_killed_redis_is_restarted_with_the_registry_intact(
     servers: Callable[[], Server],
 ) -> None:
@@ -362,20 +186,50 @@ def test_a_killed_redis_is_restarted_with_the_registry_intact(
     assert wait_until(lambda: server.mqserve("status").returncode == 0, 30)
 
 
-def test_a_killed_supervisor_is_restarted_and_the_model_serves_again(
+def test_a_killed_supervisor_is_restarted_and_adopts_its_workers(
     servers: Callable[[], Server],
 ) -> None:
     server = servers()
     server.start("--enable-model-api")
     register(server, "noop.mar", 1)
+
+    def worker_pids() -> list[int]:
+        status, body = server.request("GET", "/models/noop", server.key(), timeout=10)
+        assert status == 200, body
+        return [int(w["pid"]) for w in body[0]["workers"]]
+
+    [pid] = worker_pids()
+    worker = psutil.Process(pid)
     assert predict(server) == 200
     old = server.recorded()["supervisor"]
     server.everything()  # its workers too, for the cleanup
-    old.kill()
-    server.respawned("supervisor", old)
-    assert wait_until(lambda: predict(server, timeout=10) == 200, 120), server.log("supervisor")
+    registry = redis.Redis(unix_socket_path=str(server.home / "run" / "redis.sock"))
+    answers: list[int] = []
+
+    def adopted() -> bool:
+        """Predicting all along: the new supervisor has announced itself, and the one
+        worker is still the one from before."""
+        answers.append(predict(server, timeout=10))
+        new = server.recorded().get("supervisor")
+        if new is None or new.pid == old.pid:
+            return False
+        beat = registry.hget(keys.host(socket.gethostname()), "heartbeat")
+        announced = beat is not None and float(beat) > new.create_time()
+        return announced and worker_pids() == [pid]
+
+    try:
+        old.kill()
+        assert wait_until(adopted, 60), server.log("supervisor")
+        # A little longer under the new supervisor: it keeps the worker, starts no other.
+        for _ in range(20):
+            answers.append(predict(server, timeout=10))
+        assert worker_pids() == [pid]
+    finally:
+        registry.close()
+    assert set(answers) == {200}, answers  # the worker served throughout: nothing failed
+    assert not gone(worker) and worker.create_time() == psutil.Process(pid).create_time()
     assert "supervisor exited unexpectedly (killed by SIGKILL)" in server.log()
-    assert server.mqserve("status").stdout.startswith("mqserve is running (pid ")
+    assert server.healthy()
 
 
 def test_a_killed_api_master_is_restarted(servers: Callable[[], Server]) -> None:

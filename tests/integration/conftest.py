@@ -9,7 +9,13 @@ import pytest
 import redis
 
 from control.settings import Settings
+from tests.support import chaos
 from tests.support.processes import redis_server
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the chaos tests' figures (sent/answered/failed/lost per fault) at the end."""
+    chaos.terminal_summary(terminalreporter)
 
 
 @pytest.fixture(scope="session")

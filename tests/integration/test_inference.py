@@ -268,6 +268,46 @@ def test_worker_killed_mid_request(stack: dict[str, Any], real_redis: redis.Redi
     wait_for(lambda: predict(base, {"again": True})[0] == 200, 60, "serving again")
 
 
+def test_unregister_answers_the_queued_requests_at_once(
+    stack: dict[str, Any], real_redis: redis.Redis
+) -> None:
+    base, api = stack["base"], stack["api"]
+    register(api, batch_size=1)
+    [worker] = observed.workers_of(real_redis, "probe", "1.0")
+    answers: dict[str, tuple[int, Any]] = {}
+    order: list[str] = []
+
+    def send(name: str, seconds: float) -> None:
+        answers[name] = predict(base, {"op": "sleep", "seconds": seconds})
+        order.append(name)
+
+    running = threading.Thread(target=send, args=("running", 6))
+    running.start()
+    wait_for(lambda: real_redis.llen(keys.inflight(worker.wid)) == 1, 30, "request taken")
+    queued = [threading.Thread(target=send, args=(f"q{i}", 0)) for i in range(3)]
+    for thread in queued:
+        thread.start()
+    queue = keys.online_queue("probe", "1.0")
+    wait_for(lambda: real_redis.llen(queue) == 3, 30, "three requests queued")
+    unregister = threading.Thread(target=lambda: answers.update(done=api.unregister_model("probe")))
+    unregister.start()
+    for thread in queued:
+        thread.join(60)
+    # Answered while the running request still runs: not at a deadline, not after the drain.
+    assert running.is_alive() and sorted(order) == ["q0", "q1", "q2"]
+    no_worker = {
+        "code": 503,
+        "type": "ServiceUnavailableException",
+        "message": f'Model "probe" {NO_WORKER}',
+    }
+    assert [answers[f"q{i}"] for i in range(3)] == [(503, no_worker)] * 3
+    running.join(60)
+    unregister.join(60)
+    assert answers["running"][0] == 200  # the drain let it finish
+    assert answers["done"].status == 200
+    assert real_redis.llen(queue) == 0
+
+
 def test_request_past_deadline_is_not_run(stack: dict[str, Any], real_redis: redis.Redis) -> None:
     base, api = stack["base"], stack["api"]
     register(api, response_timeout=1)

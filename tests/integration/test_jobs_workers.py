@@ -190,3 +190,34 @@ def test_a_job_survives_an_api_restart(stack: dict[str, Any], tmp_path: Path) ->
             results.extend(page["results"])
             offset = page.get("nextOffset")
         assert results == [{"index": i, "status": 200, "result": {"x": i}} for i in range(500)]
+
+
+def test_a_chunk_whose_worker_is_killed_is_requeued_at_once(
+    stack: dict[str, Any], real_redis: redis.Redis
+) -> None:
+    register(stack["api"], "slow.mar", 1)
+    job = stack["jobs"].submit("slow", list(range(160)))  # 10 chunks of 16, 0.8 s each
+    wait_for(lambda: job.progress()[0] >= 20, 60, "the second chunk to run")
+    [worker] = observed.workers_of(real_redis, "slow", "1.0")
+    held = keys.held(worker.wid)
+    chunk: dict[str, Any] = {}
+
+    def midway() -> bool:
+        # Kill mid-chunk (4 to 12 of its 16 items done: 0.3 s or more left), not between
+        # chunks, when the worker holds nothing and there is nothing to requeue.
+        chunk.update(json.loads(real_redis.get(held) or "{}"))
+        return bool(chunk) and 4 <= job.progress()[0] - chunk["start"] <= 12
+
+    wait_for(midway, 30, "the worker to be midway through a chunk")
+    os.kill(worker.pid, signal.SIGKILL)
+    assert chunk["job"] == job.id and chunk["end"] - chunk["start"] == 16
+    killed = time.monotonic()
+    # Far below the broker's 900 s visibility timeout: the supervisor requeues the chunk
+    # as it reaps the worker and restarts one after its back-off (about 1 s).
+    status = job.wait(timeout=60)
+    assert time.monotonic() - killed < 60
+    assert (status.status, status.done, status.failed) == ("succeeded", 160, 0)
+    assert real_redis.hget(keys.job(job.id), f"requeued:{chunk['start']}") == "1"
+    assert real_redis.hlen(keys.job_results(job.id)) == 160  # one result per item
+    assert list(job.results()) == [{"index": i, "status": 200, "result": i} for i in range(160)]
+    assert real_redis.exists(held) == 0

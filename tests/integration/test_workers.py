@@ -22,6 +22,7 @@ import redis
 
 from control import keys, observed
 from control.client import ManagementClient
+from control.home import Home
 from control.settings import Settings
 from tests.support.archives import build_mar
 from tests.support.processes import management_process, supervisor_process, wait_for
@@ -223,27 +224,56 @@ def test_two_supervisors_share_and_never_exceed(
     assert max(seen) == 4 and seen.count(4) > 0
 
 
-def test_restarted_supervisor_does_not_duplicate(
+def test_restarted_supervisor_adopts_its_workers(
     stack: dict[str, Any], real_redis: redis.Redis
 ) -> None:
     api, settings = stack["api"], stack["settings"]
-    with supervisor(settings, stack["tmp"] / "h1", "h1") as first:
+    home = stack["tmp"] / "h1"
+    with supervisor(settings, home, "h1") as first:
         assert (
             api.register_model_with_params({"url": "noop.mar", "initial_workers": 2}).status == 200
         )
         before = worker_pids(real_redis, "noop")
-        first.kill()  # no drain: the workers are told by PDEATHSIG
+        first.kill()  # no drain: the workers go on without it
         first.wait(10)
-    wait_for(all_dead(before), 30, "orphaned workers to exit")
-    with supervisor(settings, stack["tmp"] / "h1", "h1"):
-        wait_for(
-            lambda: [w["status"] for w in describe(api, "noop")["workers"]] == ["READY", "READY"],
-            60,
-            "replacement workers",
+        assert not any(all_dead([pid])() for pid in before)
+        assert sorted(Home.at(home).live_workers()) == sorted(before)
+        with supervisor(settings, home, "h1"):
+            wait_for(
+                lambda: (
+                    [w["status"] for w in describe(api, "noop")["workers"]] == ["READY", "READY"]
+                ),
+                60,
+                "the adopted workers",
+            )
+            # The same processes, owned again: their leases renewed past a lease's life.
+            assert sorted(worker_pids(real_redis, "noop")) == sorted(before)
+            lease = keys.slot("noop", "1.0", 0)
+            wait_for(lambda: real_redis.pttl(lease) > 9000, 5, "a renewed lease")
+            assert api.unregister_model("noop").status == 200
+            # Adopted workers are drained and reaped as the supervisor's own.
+            wait_for(all_dead(before), 30, "the adopted workers to drain")
+            assert Home.at(home).live_workers() == []
+
+
+def test_orphaned_workers_drain_once_their_lease_is_gone(
+    stack: dict[str, Any], real_redis: redis.Redis
+) -> None:
+    api, settings = stack["api"], stack["settings"]
+    home = stack["tmp"] / "h1"
+    config = stack["tmp"] / "config.properties"
+    config.write_text("orphan_grace=2\n")
+    with supervisor(settings, home, "h1", {"TS_CONFIG_FILE": str(config)}) as first:
+        assert (
+            api.register_model_with_params({"url": "noop.mar", "initial_workers": 1}).status == 200
         )
-        after = worker_pids(real_redis, "noop")
-        assert len(after) == 2 and not set(after) & set(before)
-        assert api.unregister_model("noop").status == 200
+        before = worker_pids(real_redis, "noop")
+        first.kill()
+        first.wait(10)
+        # No supervisor comes back: the lease expires (10 s), then the grace (2 s).
+        wait_for(all_dead(before), 40, "the orphaned worker to drain itself")
+    assert Home.at(home).live_workers() == []
+    assert api.unregister_model("noop").status == 200
 
 
 HANGING = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import redis
 
 from control import keys
 from control.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS
+from control.home import Home, alive
 from control.settings import Settings
 
 
@@ -174,6 +176,21 @@ def supervisor_process(
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         log.close()
+        # Workers outlive a supervisor that was killed (a successor would adopt them):
+        # the test is over, so whatever it left goes.
+        kill_leftover_workers(home)
+
+
+def kill_leftover_workers(home: Path) -> list[int]:
+    """SIGKILL the model workers recorded under ``home``'s ``run/workers``; their pids."""
+    pids = Home.at(home).live_workers()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        wait_for(lambda pid=pid: not alive(pid), 10, f"worker {pid} to exit")
+    Home.at(home).forget_workers()
+    return pids
 
 
 class RestartableRedis:

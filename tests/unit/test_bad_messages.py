@@ -322,7 +322,7 @@ def test_a_good_predict_message_round_trips() -> None:
 def tasks(client: fakeredis.FakeRedis) -> Iterator[dict[str, Any]]:
     app = Celery("t", set_as_current=False)
     app.conf.task_always_eager = True
-    register_tasks(app, Echo(), client)
+    register_tasks(app, Echo(), client, "9000")
     yield app.tasks
 
 

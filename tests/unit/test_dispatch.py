@@ -236,3 +236,30 @@ def test_blocking_calls_never_block_forever_or_long(monkeypatch: pytest.MonkeyPa
     assert redis_io.block_seconds(0.0) == redis_io.MIN_BLOCK  # 0 would mean "forever"
     assert redis_io.block_seconds(1e-9) == redis_io.MIN_BLOCK
     assert redis_io.BLOCK_CHUNK < redis_io.SOCKET_TIMEOUT
+
+
+def test_refuse_queued_answers_every_waiting_request_as_no_worker(
+    client: fakeredis.FakeRedis, registered: Registry
+) -> None:
+    observed.publish(client, worker("9000", WorkerState.READY), ttl=60)
+    errors: list[BaseException] = []
+
+    def wait_for_answer() -> None:
+        try:
+            Dispatcher(client).send("m", None, body(), {})
+        except NoWorker as exc:
+            errors.append(exc)
+
+    threads = [in_thread(wait_for_answer) for _ in range(2)]
+    queue = keys.online_queue("m", "1.0")
+    deadline = time.monotonic() + 5
+    while client.llen(queue) < 2:
+        assert time.monotonic() < deadline, "requests were not queued"
+        time.sleep(0.005)
+    client.lpush(queue, b"not a frame")  # dropped: nobody to tell
+    assert Dispatcher(client).refuse_queued("m", "1.0") == 3
+    for thread in threads:
+        thread.join(5)
+    assert [str(e) for e in errors] == ["version unregistered"] * 2
+    assert client.llen(queue) == 0
+    assert Dispatcher(client).refuse_queued("m", "1.0") == 0

@@ -365,7 +365,7 @@ def test_the_batch_task_runs_a_chunk(
 ) -> None:
     app = make_celery(Settings(redis_url="redis://127.0.0.1:1/0"))  # never connects here
     model = FakeModel()
-    register_tasks(app, model, redis_client)
+    register_tasks(app, model, redis_client, "9000")
     task = app.tasks[BATCH_TASK]
     assert (task.acks_late, task.ignore_result) == (True, True)
     job = store.submit("echo", None, inputs(3)).job_id

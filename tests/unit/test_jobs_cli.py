@@ -7,6 +7,7 @@ exercise timeouts), so the command's whole flow runs in-process.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,78 @@ def test_wait_times_out(fake_client: EagerCelery) -> None:
         job.wait(timeout=0.05, poll=0.01)
     assert job.cancel().status == "cancelled"
     assert job.wait(timeout=1).status == "cancelled"
+
+
+def attach(tmp_path: Path, job_id: str, *extra: str) -> Any:
+    args = ["batch", "--attach", job_id, "-o", str(tmp_path / "out.jsonl"), *extra]
+    return CliRunner().invoke(cli, [*args, "--redis-url", "redis://unused"])
+
+
+def test_attach_writes_the_results_of_a_job_submitted_earlier(
+    tmp_path: Path, fake_client: EagerCelery
+) -> None:
+    job = BatchClient(Settings()).submit("echo", [{"x": i} for i in range(40)])
+    result = attach(tmp_path, job.id)
+    assert result.exit_code == 0, result.output
+    assert output(tmp_path) == [{"index": i, "status": 200, "result": {"x": i}} for i in range(40)]
+    assert f"job {job.id} (echo 1.0, succeeded): 40 of 40 items finished" in result.output
+    assert "all 40 items succeeded" in result.output
+
+
+def test_attach_waits_like_a_fresh_run(tmp_path: Path, fake_client: EagerCelery) -> None:
+    fake_client.paused = True
+    job = BatchClient(Settings()).submit("echo", [1, 2])
+    result = attach(tmp_path, job.id, "--timeout", "0.3")
+    assert result.exit_code == 2, result.output
+    assert "timed out after 0.3 s" in result.output
+    assert output(tmp_path) == [{"index": 0, "status": None}, {"index": 1, "status": None}]
+
+
+@pytest.mark.parametrize("job_id", ["0" * 32, "not-a-job-id"])
+def test_attach_to_an_unknown_job_exits_1(
+    tmp_path: Path, fake_client: EagerCelery, job_id: str
+) -> None:
+    result = attach(tmp_path, job_id)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: no batch job {job_id}: the id is unknown, or the job expired "
+        "(jobs live in Redis for a day)\n"
+    )
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_attach_or_model_and_inputs(tmp_path: Path, fake_client: EagerCelery) -> None:
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("1\n")
+    both = CliRunner().invoke(
+        cli, ["batch", "echo", str(inputs), "--attach", "0" * 32, "-o", "o", "--redis-url", "x"]
+    )
+    assert both.exit_code == 2 and "--attach takes no MODEL, INPUTS or --version" in both.output
+    neither = CliRunner().invoke(cli, ["batch", "-o", "o", "--redis-url", "x"])
+    assert neither.exit_code == 2 and "give MODEL and INPUTS, or --attach JOB_ID" in neither.output
+    assert "--attach JOB_ID" in CliRunner().invoke(cli, ["batch", "--help"]).output
+
+
+def test_ctrl_c_leaves_the_job_running_to_reattach(
+    tmp_path: Path, fake_client: EagerCelery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_client.paused = True
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(batch_client.time, "sleep", interrupt)
+        result = run(tmp_path, [b"1", b"2", b"3"])
+    assert result.exit_code == 2, result.output
+    printed = re.search(r"job ([0-9a-f]{32}): 3 items", result.output)  # at submission
+    assert printed is not None, result.output
+    job_id = printed.group(1)
+    assert f"`mqserve batch --attach {job_id} -o FILE`" in result.output
+    assert not (tmp_path / "out.jsonl").exists()
+    client = BatchClient(Settings())
+    assert client.job(job_id).status().status == "queued"  # not cancelled
+    run_chunk(fake_client.client, fake_client.model, job_id, 0, 3)  # a worker comes back
+    result = attach(tmp_path, job_id)
+    assert result.exit_code == 0, result.output
+    assert [r["result"] for r in output(tmp_path)] == [1, 2, 3]

@@ -25,9 +25,9 @@ from tests.support.archives import build_mar, build_tgz
 from tests.support.handlers import make_spec
 from workers.launch import (
     ModelFiles,
+    adopt_leftovers,
     host_component,
     registration_tag,
-    replace_leftovers,
 )
 from workers.supervisor import Supervisor
 
@@ -269,12 +269,22 @@ def test_clear_deletes_this_hosts_files_only(tmp_path: Path) -> None:
     files.clear()  # nothing left: no error
 
 
-def test_replace_leftovers_clears_the_hosts_files(tmp_path: Path) -> None:
+def test_a_start_with_nothing_to_adopt_clears_the_hosts_files(tmp_path: Path) -> None:
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
     files = ModelFiles.of(tmp_path / "home", "h1")
     files.unpack("noop", "1.0", "abc", write_handler)
-    assert replace_leftovers(client, "h1", files) == 0
+    assert adopt_leftovers(client, "h1", files) == []
     assert not files.root.exists()
+
+
+def test_keep_only_keeps_the_versions_adopted_workers_use(tmp_path: Path) -> None:
+    files = ModelFiles.of(tmp_path / "home", "h1")
+    for model, version in (("noop", "1.0"), ("noop", "2.0"), ("other", "1.0")):
+        files.unpack(model, version, "abc", write_handler)
+    files.keep_only({("noop", "2.0")})
+    assert not files.version_dir("noop", "1.0").exists()
+    assert not files.version_dir("other", "1.0").exists()
+    assert (files.version_dir("noop", "2.0") / "abc").is_dir()
 
 
 # -- the supervisor counts references -----------------------------------------------------

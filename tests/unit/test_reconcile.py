@@ -69,6 +69,28 @@ def backoff(
 CASES: list[tuple[str, list[Target], Observed, list[Action]]] = [
     ("nothing desired, nothing running", [], obs(), []),
     (
+        "a slot another host took (this one was cut off) drains its worker here",
+        [T],
+        obs((proc(0), proc(1, record_alive=False)), {("m", "1.0"): {0: HOST, 1: "b"}}),
+        [Stop("9001")],
+    ),
+    (
+        "a worker whose slot moved and that drained itself is no failure",
+        [T],
+        obs((proc(0), proc(1, exit_code=0)), {("m", "1.0"): {0: HOST, 1: "b"}}),
+        [Forget("9001", "m", "1.0", 1, release=False)],
+    ),
+    (
+        "a slot in back-off that another host took is forgotten here",
+        [T],
+        obs(
+            (proc(0),),
+            {("m", "1.0"): {0: HOST, 1: "b"}},
+            backoff={("m", "1.0", 1): backoff()},
+        ),
+        [Release("m", "1.0", 1)],
+    ),
+    (
         "start up to min_workers on free slots",
         [T],
         obs(),
