@@ -1,12 +1,13 @@
 """The model store: resolve a register ``url`` to an archive, inspect it, unpack it.
 
 :meth:`ModelStore.resolve` follows TorchServe's ``ModelArchive.downloadModel`` order and
-messages (``torchserve.md`` §1.4 step 2) with a default-deny URL policy: only names
-inside the model store, or URLs fully matching an ``allowed_urls`` pattern. An archive
-is a ``.mar`` zip, a tar.gz (any other file name) or a directory. Inspection reads only
-``MAR-INF/MANIFEST.json`` and the ``configFile`` it names, in memory; nothing is
-unpacked. :meth:`ModelStore.extract` unpacks into an empty directory for a worker,
-re-checking every member and counting the bytes it really writes.
+messages (``docs/torchserve-compat.md#resolving-the-url``) with a default-deny URL
+policy: only names inside the model store, or URLs fully matching an ``allowed_urls``
+pattern. An archive is a ``.mar`` zip, a tar.gz (any other file name) or a directory.
+Inspection reads only ``MAR-INF/MANIFEST.json`` and the ``configFile`` it names, in
+memory; nothing is unpacked. :meth:`ModelStore.extract` unpacks into an empty
+directory for a worker, re-checking every member and counting the bytes it really
+writes.
 
 Every member is checked before anything is written: no absolute names, drive letters
 or ``..`` components, no links leading outside the archive, no devices or fifos, at
@@ -43,6 +44,7 @@ from control.errors import (
     InvalidModelException,
     ModelNotFoundException,
 )
+from control.settings import Settings
 from control.unpack import Member, Reader, invalid, open_reader
 
 MANIFEST = "MAR-INF/MANIFEST.json"
@@ -241,6 +243,19 @@ class ModelStore:
         if not name or name == "." or ".." in name or "/" in name or "\\" in name:
             raise ValueError("an archive name is a plain file name inside the model store")
         return None if self._root is None else self._root / name
+
+
+def model_store(settings: Settings) -> ModelStore:
+    """The model store as ``settings`` describe it (its directory, URL policy, limits)."""
+    return ModelStore(
+        settings.model_store,
+        settings.allowed_urls,
+        Limits(
+            max_download_bytes=settings.max_download_bytes,
+            max_archive_bytes=settings.max_archive_bytes,
+            max_archive_entries=settings.max_archive_entries,
+        ),
+    )
 
 
 # -- metadata -------------------------------------------------------------------------

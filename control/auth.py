@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import falcon
@@ -30,6 +28,9 @@ from control.errors import (
     AUTHORIZATION_FAILED,
     InvalidKeyException,
 )
+from control.home import write_private
+from control.redis_io import text
+from control.timestamps import iso_time
 
 ROLES = ("management", "inference", "API")
 #: Bytes of randomness per key: 24 bytes = 192 bits, URL-safe base64 (32 characters).
@@ -92,8 +93,7 @@ class KeyStore:
         stored, expires = self._r.hmget(keys.AUTH, [role, f"{role}:expires"])
         if stored is None:
             return False
-        stored_text = stored.decode() if isinstance(stored, bytes) else str(stored)
-        ok = hmac.compare_digest(digest(presented), stored_text)
+        ok = hmac.compare_digest(digest(presented), text(stored))
         if expires is not None and float(expires) < self._clock():
             return False
         return ok
@@ -109,18 +109,10 @@ class KeyStore:
             entry = {"key": plain[role]}
             raw = stored.get(f"{role}:expires") or stored.get(f"{role}:expires".encode())
             if raw is not None:
-                when = datetime.fromtimestamp(float(raw), UTC)
-                entry["expiration time"] = when.isoformat(timespec="milliseconds").replace(
-                    "+00:00", "Z"
-                )
+                entry["expiration time"] = iso_time(float(raw))
             body[role] = entry
         self._key_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._key_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(body, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, self._key_file)
+        write_private(self._key_file, json.dumps(body, indent=2) + "\n")
 
     def _read_key_file(self) -> dict[str, str]:
         try:

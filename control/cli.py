@@ -16,7 +16,9 @@ from typing import Any
 
 import click
 
-from control import launcher
+# control.launcher (with Falcon, Celery and gunicorn behind it) and workers.main are
+# imported inside the commands that run them, so that `mqserve --help`, `mqserve batch`
+# and the other commands load only what they use (tests/acceptance/test_cli_imports.py).
 from control.settings import (
     Settings,
     SettingsError,
@@ -29,7 +31,18 @@ from control.settings import (
 HOME_ENV = "MQSERVE_HOME"
 DEFAULT_HOME = "~/.mqserve"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
-FAILURES = (SettingsError, launcher.LaunchError, OSError)
+#: Failures the operator can fix, printed as one line (see also :func:`stack_failures`).
+FAILURES: tuple[type[Exception], ...] = (SettingsError, OSError)
+
+
+def stack_failures() -> tuple[type[Exception], ...]:
+    """:data:`FAILURES` and ``launcher.LaunchError``: what the commands running a stack catch.
+
+    Imports the launcher, as only those commands do.
+    """
+    from control import launcher
+
+    return (*FAILURES, launcher.LaunchError)
 
 
 def home_from_env() -> Path:
@@ -142,6 +155,8 @@ def start(
     """Start the model server (detached unless --foreground)."""
     if more_models and not models:
         raise click.UsageError(f"unexpected argument {more_models[0]!r}")
+    from control import launcher
+
     try:
         if settings_file is not None:  # the detached runner: settings already resolved
             settings = Settings.from_json(settings_file.read_text())
@@ -155,7 +170,7 @@ def start(
                 level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
             )
         code = launcher.start(settings, foreground)
-    except FAILURES as exc:
+    except stack_failures() as exc:
         raise click.ClickException(str(exc)) from exc
     raise SystemExit(code)
 
@@ -163,9 +178,11 @@ def start(
 @cli.command()
 def stop() -> None:
     """Stop the model server of $MQSERVE_HOME; exit 1 if it is not running."""
+    from control import launcher
+
     try:
         code = launcher.stop(home_from_env())
-    except FAILURES as exc:
+    except stack_failures() as exc:
         raise click.ClickException(str(exc)) from exc
     raise SystemExit(code)
 
@@ -173,6 +190,8 @@ def stop() -> None:
 @cli.command()
 def status() -> None:
     """Print what runs (from the pid files); exit 0 only when every process is up."""
+    from control import launcher
+
     state, healthy = launcher.status(home_from_env())
     click.echo(f"mqserve is {state}")
     raise SystemExit(0 if healthy else 1)
@@ -205,6 +224,8 @@ def api(
     For a container or host that serves the APIs while supervisors run elsewhere
     against the same Redis; --redis-url is required.
     """
+    from control import launcher
+
     try:
         settings = build_settings(
             ts_config, model_store, models, enable_model_api, disable_token_auth, redis_url
@@ -222,7 +243,7 @@ def api(
     )
     try:
         code = launcher.run(settings, with_supervisor=False)
-    except FAILURES as exc:
+    except stack_failures() as exc:
         raise click.ClickException(str(exc)) from exc
     raise SystemExit(code)
 

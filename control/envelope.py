@@ -5,6 +5,13 @@ header describes the payload (its parts and their sizes); the payload is never
 base64-encoded, so a 1 MB image costs 1 MB in Redis, not 1.33 MB, and JSON is the only
 format ever parsed (no pickle). Frames are the values of the request, in-flight and
 reply lists of :mod:`control.keys`.
+
+This is the wire format of the ONLINE path only (HTTP predictions and describe, from
+the API to a worker and back); the Celery path (``mqserve.predict`` tasks) carries JSON
+(``workers.messages``). A :class:`Part` is the one model of a request input on every
+path: the handler's ``workers.handling.types.Parameter`` is this class, and
+``workers.messages`` holds the one conversion each way between a :class:`Request` or
+:class:`Reply` and the handler's types.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ def unpack(frame: bytes) -> tuple[dict[str, Any], bytes]:
 
 @dataclass(frozen=True)
 class Part:
-    """One request parameter: TorchServe's ``body`` or a form field."""
+    """One request parameter: TorchServe's ``body``, a form field or a file part, with
+    its mime type as the client sent it (``""`` when none)."""
 
     name: str
     content_type: str

@@ -3,7 +3,7 @@
 Every error a client can see is a :class:`ModelServerError`. Its ``type`` is the
 simple class name TorchServe puts in the ``type`` field of the error body, and its
 ``code`` is the HTTP status TorchServe maps that exception to
-(``torchserve.md`` §1.2). Rendering to ``{"code", "type", "message"}`` happens in
+(``docs/torchserve-compat.md#errors``). Rendering to ``{"code", "type", "message"}`` happens in
 one place, :func:`control.http.render_error`.
 
     ModelServerError

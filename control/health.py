@@ -4,9 +4,9 @@ A model's default version is healthy when at least ``min_workers`` of its worker
 take requests (:data:`control.observed.SERVING`, the one rule dispatch uses too), so
 ``/ping`` says Unhealthy exactly when a prediction could be refused for want of
 workers: while its workers start or load, after they crash (in back-off) or while they
-drain. TorchServe instead counts loading and retrying workers as healthy (a deviation
-listed in the README): a load balancer that trusts mqserve's ``/ping`` sends nothing to
-a server that would answer 503.
+drain. TorchServe instead counts loading and retrying workers as healthy (a deviation,
+``docs/torchserve-compat.md#deviations``): a load balancer that trusts mqserve's
+``/ping`` sends nothing to a server that would answer 503.
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ class Home:
 
     @property
     def key_file(self) -> Path:
+        """The operator's API keys (``Settings.key_file`` is this file of its home)."""
         return self.root / "key_file.json"
 
     @property

@@ -90,6 +90,21 @@ class RequestSizeLimit:
             raise falcon.HTTPContentTooLarge()
 
 
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` (``max_request_size``) bytes.
+
+    A longer one is a bare 413, as TorchServe answers it (``falcon.HTTPContentTooLarge``,
+    which :func:`new_app` renders without a body): at once when ``Content-Length`` says
+    so, else after reading ``limit + 1`` bytes, never more (a chunked body has no length).
+    """
+    if req.content_length is not None and req.content_length > limit:
+        raise falcon.HTTPContentTooLarge()
+    body: bytes = req.bounded_stream.read(limit + 1)
+    if len(body) > limit:
+        raise falcon.HTTPContentTooLarge()
+    return body
+
+
 def render_error(req: falcon.Request, resp: falcon.Response, exc: ModelServerError) -> None:
     """The one renderer of error bodies."""
     resp.status = exc.status

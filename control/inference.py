@@ -24,7 +24,7 @@ from control.errors import (
     ResourceNotFoundException,
     ServiceUnavailableException,
 )
-from control.http import new_app, segments, send_json
+from control.http import new_app, read_body, segments, send_json
 from control.openapi import load_description
 from control.settings import Settings
 
@@ -199,9 +199,7 @@ def read_parts(req: falcon.Request, limit: int, with_query: bool) -> tuple[Part,
     parts: list[Part] = []
     if with_query:  # only /invocations, /models/{m}/invoke and legacy /{m}/predict
         parts.extend(_form_fields(_wsgi_bytes(req.query_string)))
-    body = req.bounded_stream.read(limit + 1)
-    if len(body) > limit:
-        raise falcon.HTTPContentTooLarge()
+    body = read_body(req, limit)
     if mime == "multipart/form-data":
         parts.extend(_multipart_fields(req, body, content_type))
     elif mime == "application/x-www-form-urlencoded":

@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
@@ -41,7 +40,9 @@ from control.errors import (
     JobNotFoundException,
     ServiceUnavailableException,
 )
+from control.redis_io import text
 from control.registry import Registry
+from control.timestamps import iso_time
 
 #: The Celery task that runs one chunk of a job (``workers.tasks``).
 BATCH_TASK = "mqserve.batch"
@@ -103,12 +104,6 @@ def send_chunk(celery_app: TaskSender, job_id: str, queue: str, start: int, end:
     celery_app.send_task(BATCH_TASK, args=[job_id, start, end], queue=queue, ignore_result=True)
 
 
-def iso_time(epoch: float) -> str:
-    """``2026-01-02T03:04:05.678Z``: UTC, milliseconds, as ``startTime`` elsewhere."""
-    when = datetime.fromtimestamp(epoch, UTC)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 @dataclass(frozen=True)
 class JobStatus:
     """A snapshot of one job's progress."""
@@ -145,7 +140,7 @@ class JobStatus:
     @classmethod
     def from_hash(cls, job_id: str, raw: dict[Any, Any]) -> JobStatus:
         """Parse the job hash as read from Redis (``str`` or ``bytes`` values)."""
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        data = {text(k): text(v) for k, v in raw.items()}
         return cls(
             job_id=job_id,
             model=data["model"],
@@ -310,7 +305,3 @@ def _check_utf8(items: Sequence[bytes]) -> None:
             item.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequestException(f"Input {index} is not UTF-8 text") from None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -24,7 +24,7 @@ import falcon
 import orjson
 
 from control.errors import BadRequestException, ConflictStatusException
-from control.http import send_json, send_status
+from control.http import read_body, send_json, send_status
 from control.jobs import CANCELLED, JobStore
 from control.params import Params
 
@@ -82,15 +82,6 @@ def parse_inputs(body: bytes, content_type: str | None) -> list[bytes]:
     return items
 
 
-def _read_body(req: falcon.Request, limit: int) -> bytes:
-    if req.content_length is not None and req.content_length > limit:
-        raise falcon.HTTPContentTooLarge()
-    raw: bytes = req.bounded_stream.read(limit + 1)
-    if len(raw) > limit:
-        raise falcon.HTTPContentTooLarge()
-    return raw
-
-
 class _Jobs:
     """Shared by both resources: submission."""
 
@@ -101,7 +92,7 @@ class _Jobs:
     def _submit(
         self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None
     ) -> None:
-        items = parse_inputs(_read_body(req, self._limit), req.content_type)
+        items = parse_inputs(read_body(req, self._limit), req.content_type)
         status = self._store.submit(model, version, items)
         resp.set_header("Location", f"/jobs/{status.job_id}")
         send_json(

@@ -6,8 +6,8 @@ lives under ``mqs:o:``. Nothing under ``mqs:d:`` expires: registrations survive
 restarts of every process (Redis runs with append-only persistence). Observed
 keys carry TTLs so that a process that dies disappears by itself.
 
-Model names and versions are validated (``control.names``) so that neither can
-contain ``:``; the key segments below are therefore unambiguous.
+Model names and versions are validated (``control.spec``) so that neither can contain
+``:``; the key segments below are therefore unambiguous.
 
 Desired state
 -------------

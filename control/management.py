@@ -24,7 +24,7 @@ from control.errors import (
     ResourceNotFoundException,
     WorkflowNotFoundException,
 )
-from control.http import RequestSizeLimit, new_app, segments, send_json, send_status
+from control.http import RequestSizeLimit, new_app, read_body, segments, send_json, send_status
 from control.openapi import load_description
 from control.params import Params
 from control.service import MAX_PAGE, ManagementService
@@ -37,9 +37,7 @@ def query_params(req: falcon.Request) -> Params:
 
 def body_params(req: falcon.Request, limit: int) -> Params:
     """A JSON body's fields, for ``POST /models`` with ``Content-Type: application/json``."""
-    raw = req.bounded_stream.read(limit + 1)
-    if len(raw) > limit:
-        raise falcon.HTTPContentTooLarge()
+    raw = read_body(req, limit)
     try:
         data = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError as exc:

@@ -1,10 +1,12 @@
-"""Metrics: an in-process recorder, its flusher to Redis, and the metrics port (8082).
+"""Metrics: an in-process recorder and its flusher to Redis.
 
 Every API process records into its own :class:`MetricsRecorder` (a dict update under
 a lock, cheap enough for every request) and a background thread adds the accumulated
 deltas to Redis once a second, so the page served by any process shows the sum over
 all of them, at most one flush interval late. Storage layout and the family catalogue
-are in :mod:`control.metrics_schema`; the page itself in :mod:`control.metrics_render`.
+are in :mod:`control.metrics_schema`; the page itself in :mod:`control.metrics_render`;
+the metrics port (8082) and the response-counting middleware in :mod:`control.metrics_api`.
+This module imports no HTTP framework: model workers record through it.
 
 Start the flusher in each process that records (after gunicorn forks: a thread started
 in the master does not exist in its workers).
@@ -25,17 +27,13 @@ import numbers
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
-from urllib.parse import parse_qs
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
-import falcon
 import redis
 from redis.typing import EncodableT, FieldT
 
 from control import keys
-from control.errors import MethodNotAllowedException, ResourceNotFoundException
-from control.http import new_app, segments, send_json
 from control.metrics_render import CONTENT_TYPE, render
 from control.metrics_schema import (
     BATCH_SIZE,
@@ -61,15 +59,12 @@ from control.metrics_schema import (
     model_family,
     series_field,
 )
-from control.openapi import load_description
 
 __all__ = [
     "CONTENT_TYPE",
-    "CountResponses",
     "Flusher",
     "MetricsRecorder",
     "ModelMetrics",
-    "create_metrics_app",
     "render",
 ]
 
@@ -237,11 +232,10 @@ class MetricsRecorder:
             for name, entry in families.items():
                 self._families.setdefault(name, entry)
 
-    def start_flusher(
-        self, client_factory: Callable[[], redis.Redis], interval: float = 1.0
-    ) -> Flusher:
-        """Flush every ``interval`` seconds in a daemon thread, and once more at exit."""
-        flusher = Flusher(self, client_factory, interval)
+    def start_flusher(self, client: redis.Redis, interval: float = 1.0) -> Flusher:
+        """Flush to ``client`` every ``interval`` seconds in a daemon thread, and once more
+        at exit."""
+        flusher = Flusher(self, client, interval)
         flusher.start()
         return flusher
 
@@ -249,22 +243,17 @@ class MetricsRecorder:
 class Flusher:
     """The daemon thread flushing one recorder; :meth:`stop` flushes a last time.
 
-    The client is made by ``client_factory`` inside the thread on first use (and again
-    after a failure to make one); nothing is raised out of the thread.
+    ``client`` is the process's own (a redis-py pool, shared with its other threads,
+    which reconnects by itself after an outage); nothing is raised out of the thread: a
+    flush that fails keeps its deltas for the next one (:meth:`MetricsRecorder.flush`).
     """
 
-    def __init__(
-        self,
-        recorder: MetricsRecorder,
-        client_factory: Callable[[], redis.Redis],
-        interval: float,
-    ) -> None:
+    def __init__(self, recorder: MetricsRecorder, client: redis.Redis, interval: float) -> None:
         self._recorder = recorder
-        self._factory = client_factory
+        self._client = client
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-flusher", daemon=True)
-        self._client: redis.Redis | None = None
 
     def start(self) -> None:
         """Start the thread and register :meth:`stop` to run at interpreter exit."""
@@ -284,15 +273,8 @@ class Flusher:
         self._flush_once()
 
     def _flush_once(self) -> None:
-        if not self._recorder.pending():
-            return
-        if self._client is None:
-            try:
-                self._client = self._factory()
-            except Exception as exc:
-                log.warning("metrics flusher could not make a Redis client: %r", exc)
-                return
-        self._recorder.flush(self._client)
+        if self._recorder.pending():
+            self._recorder.flush(self._client)
 
 
 def _write(
@@ -455,63 +437,3 @@ def _finite(value: object) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) else None
-
-
-class CountResponses:
-    """Falcon middleware counting every response in ``Requests2XX/4XX/5XX``.
-
-    Runs after the error handlers, so error responses count with their final status.
-    """
-
-    def __init__(self, recorder: MetricsRecorder) -> None:
-        self._recorder = recorder
-
-    def process_response(
-        self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool
-    ) -> None:
-        self._recorder.request(resp.status_code)
-
-
-class MetricsRoutes:
-    """A Falcon sink answering every path of the metrics port.
-
-    ``GET /metrics`` (and HEAD) serve the page; ``OPTIONS /`` and ``/api-description``
-    (any method) the OpenAPI description; any other method on ``/`` or ``/metrics`` is
-    405 and any other path 404. Trailing slashes are ignored.
-    """
-
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
-
-    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
-        segs = segments(req.path)
-        if not segs:
-            if req.method != "OPTIONS":
-                raise MethodNotAllowedException()
-            send_json(resp, load_description("metrics"))
-        elif segs == ["", "api-description"]:
-            send_json(resp, load_description("metrics"))
-        elif segs == ["", "metrics"]:
-            if req.method not in ("GET", "HEAD"):
-                raise MethodNotAllowedException()
-            # Blank values are kept: TorchServe filters on them too (to an empty page).
-            query = parse_qs(req.query_string, keep_blank_values=True)
-            names = set(query["name[]"]) if "name[]" in query else None
-            resp.status = 200
-            resp.content_type = CONTENT_TYPE
-            resp.text = render(self._client, names)
-        else:
-            raise ResourceNotFoundException()
-
-
-def create_metrics_app(
-    client: redis.Redis, recorder: MetricsRecorder | None = None
-) -> falcon.App[falcon.Request, falcon.Response]:
-    """The WSGI app of the metrics port; no token check (TorchServe has none there).
-
-    With ``recorder``, this port's own responses are counted too, as TorchServe counts
-    the responses of every port.
-    """
-    app = new_app([CountResponses(recorder)] if recorder is not None else [])
-    app.add_sink(MetricsRoutes(client), prefix="/")
-    return app

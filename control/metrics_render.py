@@ -37,6 +37,7 @@ from control.metrics_schema import (
     parse_field,
 )
 from control.observed import WorkerState
+from control.redis_io import text
 from control.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -60,7 +61,7 @@ def render(client: redis.Redis, names: set[str] | None = None) -> str:
     for family in stored:
         pipe.hgetall(keys.metrics(family.name))
     hashes: dict[str, dict[str, float]] = {
-        family.name: {_text(k): float(v) for k, v in raw.items()}
+        family.name: {text(k): float(v) for k, v in raw.items()}
         for family, raw in zip(stored, pipe.execute(), strict=True)
     }
     live = _live_series(client, {f.name for f in families if not f.stored})
@@ -83,8 +84,8 @@ def model_families(client: redis.Redis) -> list[Family]:
     do not decode are skipped (a built-in family is always rendered as built in)."""
     found = []
     for raw_name, raw in client.hgetall(keys.METRIC_FAMILIES).items():
-        name = _text(raw_name)
-        family = None if name in BY_NAME else family_from_json(name, _text(raw))
+        name = text(raw_name)
+        family = None if name in BY_NAME else family_from_json(name, text(raw))
         if family is not None:
             found.append(family)
     return sorted(found, key=lambda f: f.name)
@@ -162,7 +163,3 @@ def _live_series(client: redis.Redis, wanted: set[str]) -> dict[str, list[Series
     for name in wanted:
         result[name] = _sorted(BY_NAME[name], result[name])
     return result
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -17,6 +17,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from control import keys
+from control.redis_io import text
 
 #: Seconds between heartbeats; records expire after three missed beats.
 HEARTBEAT_INTERVAL = 1.0
@@ -32,7 +33,11 @@ LEASE_GRACE = 30.0
 
 
 class WorkerState(enum.StrEnum):
-    """Life cycle of one worker process (``celery-redis-falcon.md`` §8.3)."""
+    """Life cycle of one worker process.
+
+    The states, and what describe shows for each, are in
+    ``docs/torchserve-compat.md#worker-life-cycle-and-back-off``.
+    """
 
     STARTING = "STARTING"
     LOADING = "LOADING"
@@ -184,13 +189,13 @@ def read(client: redis.Redis, wid: str) -> WorkerRecord | None:
     raw = client.hgetall(keys.worker(wid))
     if not raw:
         return None
-    return WorkerRecord.from_mapping(wid, {_text(k): _text(v) for k, v in raw.items()})
+    return WorkerRecord.from_mapping(wid, {text(k): text(v) for k, v in raw.items()})
 
 
 def workers_of(client: redis.Redis, name: str, version: str) -> list[WorkerRecord]:
     """Live workers of one model version, ordered by id; expired members are pruned."""
     index = keys.workers(name, version)
-    wids = sorted(_text(w) for w in client.smembers(index))
+    wids = sorted(text(w) for w in client.smembers(index))
     if not wids:
         return []
     pipe = client.pipeline(transaction=False)
@@ -202,7 +207,7 @@ def workers_of(client: redis.Redis, name: str, version: str) -> list[WorkerRecor
         if not raw:
             gone.append(wid)
             continue
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        data = {text(k): text(v) for k, v in raw.items()}
         records.append(WorkerRecord.from_mapping(wid, data))
     if gone:
         client.srem(index, *gone)
@@ -212,10 +217,6 @@ def workers_of(client: redis.Redis, name: str, version: str) -> list[WorkerRecor
 def serving_count(records: list[WorkerRecord]) -> int:
     """How many of ``records`` can take requests (:data:`SERVING`)."""
     return sum(1 for r in records if r.state.serving)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def now() -> float:

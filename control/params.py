@@ -41,10 +41,6 @@ class Params:
         """Wrap a parsed query string (``urllib.parse.parse_qs(keep_blank_values=True)``)."""
         return cls({k: v[0] for k, v in query.items() if v})
 
-    def has(self, name: str) -> bool:
-        """True when ``name`` was sent at all (even empty)."""
-        return name in self._values and self._values[name] is not None
-
     def text(self, name: str, default: str | None = None) -> str | None:
         """The raw value as text, or ``default`` when absent."""
         value = self._values.get(name)

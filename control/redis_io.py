@@ -14,12 +14,19 @@ from here, with these settings:
   any length (a model's ``response_timeout``, a batching window) never meets the socket
   timeout, and a dead Redis is still noticed within ``SOCKET_TIMEOUT``.
 * ``health_check_interval`` = 25 s: a connection idle that long is PINGed before use.
+
+A long-running process builds its clients once, at its edge (:func:`connect`: one
+decoding and one bytes client, one connection pool per role), and passes them down to
+everything in it that talks to Redis: a model worker (``workers.process.main``), a
+supervisor (``workers.main.run_supervisor``), an API process
+(``control.server.process_clients``). Celery's broker connections are kombu's own.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
@@ -46,6 +53,27 @@ def redis_bytes_client(url: str) -> redis.Redis:
     return _client(url, decode_responses=False)
 
 
+@dataclass(frozen=True)
+class Clients:
+    """The Redis clients of one process, built once at its edge (:func:`connect`) and
+    passed down to everything in it that talks to Redis.
+
+    ``text`` decodes replies to ``str`` (registry, records, leases, metrics, jobs);
+    ``frames`` returns ``bytes`` (request and reply frames, which carry raw data). They
+    cannot share one pool (decoding is a setting of the connections), so a process holds
+    two: one per role. Each is a thread-safe pool shared by all the process's threads,
+    and reconnects by itself after an outage, so nobody needs a fresh client.
+    """
+
+    text: redis.Redis
+    frames: redis.Redis
+
+
+def connect(url: str) -> Clients:
+    """The two clients of one process; connects lazily (nothing is sent yet)."""
+    return Clients(redis_client(url), redis_bytes_client(url))
+
+
 def _client(url: str, decode_responses: bool) -> redis.Redis:
     return redis.Redis.from_url(
         url,
@@ -54,6 +82,13 @@ def _client(url: str, decode_responses: bool) -> redis.Redis:
         socket_connect_timeout=CONNECT_TIMEOUT,
         health_check_interval=HEALTH_CHECK_INTERVAL,
     )
+
+
+def text(value: object) -> str:
+    """A Redis value as ``str``: bytes (from a client that does not decode) are UTF-8,
+    anything else goes through ``str()``. Lets code read Redis with either client
+    (redis-py types its replies loosely, hence ``object``)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def block_seconds(remaining: float) -> float:

@@ -1,7 +1,8 @@
 """From a register request to a :class:`ModelSpec`: TorchServe's precedence rules.
 
 Pure functions, no I/O. The rules follow TorchServe's code, not its docs
-(``torchserve.md`` §1.4, §1.13, §3.6):
+(``docs/torchserve-compat.md#parameter-precedence``, and ``#register`` and
+``#model-configyaml`` there):
 
 * batch size and delay: REST value if given, else model-config.yaml if > 0, else 1/100;
 * response and startup timeouts: if the archive has a model-config.yaml, its value

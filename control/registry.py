@@ -22,6 +22,7 @@ from control.errors import (
     ModelNotFoundException,
     ModelVersionNotFoundException,
 )
+from control.redis_io import text
 from control.spec import ModelSpec
 
 # Every write script takes the registry revision (``keys.REVISION``) as its last key and
@@ -236,7 +237,7 @@ class Registry:
         default = self._r.hget(keys.model(name), "default")
         if default is None:
             raise ModelNotFoundException(f"Model not found: {name}")
-        return _text(default)
+        return text(default)
 
     def get(self, name: str, version: str | None = None) -> VersionRecord:
         """One version (the default when ``version`` is None)."""
@@ -254,7 +255,7 @@ class Registry:
     def all_versions(self, name: str) -> list[VersionRecord]:
         """Every version of ``name`` in registration order; 404 when unknown."""
         default = self.default_version(name)
-        vers = [_text(v) for v in self._r.zrange(keys.versions(name), 0, -1)]
+        vers = [text(v) for v in self._r.zrange(keys.versions(name), 0, -1)]
         pipe = self._r.pipeline(transaction=False)
         for ver in vers:
             pipe.hgetall(keys.version(name, ver))
@@ -269,13 +270,13 @@ class Registry:
         total = int(self._r.zcard(keys.MODELS))
         if limit <= 0 or offset >= total:
             return [], total
-        names = [_text(n) for n in self._r.zrange(keys.MODELS, offset, offset + limit - 1)]
+        names = [text(n) for n in self._r.zrange(keys.MODELS, offset, offset + limit - 1)]
         pipe = self._r.pipeline(transaction=False)
         for name in names:
             pipe.hget(keys.model(name), "default")
         defaults = pipe.execute()
         for name, ver in zip(names, defaults, strict=True):
-            pipe.hget(keys.version(name, _text(ver or "")), "spec")
+            pipe.hget(keys.version(name, text(ver or "")), "spec")
         page: list[tuple[str, str]] = []
         for name, spec in zip(names, pipe.execute(), strict=True):
             if spec is not None:
@@ -284,7 +285,7 @@ class Registry:
 
     def all_default_records(self) -> list[VersionRecord]:
         """The default version of every model (for health and startup checks)."""
-        names = [_text(n) for n in self._r.zrange(keys.MODELS, 0, -1)]
+        names = [text(n) for n in self._r.zrange(keys.MODELS, 0, -1)]
         out: list[VersionRecord] = []
         for name in names:
             try:
@@ -296,7 +297,7 @@ class Registry:
     def desired(self) -> list[VersionRecord]:
         """Every registered version of every model (what supervisors reconcile)."""
         out: list[VersionRecord] = []
-        for name in (_text(n) for n in self._r.zrange(keys.MODELS, 0, -1)):
+        for name in (text(n) for n in self._r.zrange(keys.MODELS, 0, -1)):
             try:
                 out.extend(self.all_versions(name))
             except ModelNotFoundException:
@@ -315,12 +316,8 @@ class Registry:
             raise InvalidModelVersionException(f"Cannot remove default version for model {name}")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _record(raw: dict[Any, Any], is_default: bool) -> VersionRecord:
-    data = {_text(k): _text(v) for k, v in raw.items()}
+    data = {text(k): text(v) for k, v in raw.items()}
     return VersionRecord(
         spec=ModelSpec.from_json(data["spec"]),
         min_workers=int(data["min_workers"]),

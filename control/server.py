@@ -3,17 +3,20 @@
 The launcher writes the settings to a JSON file and names it in ``MQSERVE_SETTINGS``;
 gunicorn calls :func:`management_app` in each of its worker processes. Nothing here
 connects to Redis at import time, so forking stays safe.
+
+``model_store`` (now in ``control.archive``) and ``settings_from_env`` /
+``SETTINGS_ENV`` (now in ``control.settings``) are re-exported here for existing
+callers; processes that must not load Falcon (model workers, the supervisor) import
+them from their own modules.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from control.archive import Limits, ModelStore
+from control.archive import model_store
 from control.auth import KeyStore, TokenAuth
 from control.dispatch import Dispatcher
 from control.health import healthy
@@ -22,26 +25,27 @@ from control.inference import create_inference_app
 from control.jobs import JobStore
 from control.jobs_api import add_job_routes
 from control.management import create_management_app
-from control.metrics import CountResponses, MetricsRecorder, create_metrics_app
-from control.redis_io import redis_bytes_client, redis_client
+from control.metrics import MetricsRecorder
+from control.metrics_api import CountResponses, create_metrics_app
+from control.redis_io import Clients, connect, redis_client
 from control.service import ManagementService
-from control.settings import Settings
+from control.settings import SETTINGS_ENV, Settings, settings_from_env
 from workers.celery_app import make_celery
 
-SETTINGS_ENV = "MQSERVE_SETTINGS"
-
-
-def model_store(settings: Settings) -> ModelStore:
-    """The model store as settings describe it."""
-    return ModelStore(
-        settings.model_store,
-        settings.allowed_urls,
-        Limits(
-            max_download_bytes=settings.max_download_bytes,
-            max_archive_bytes=settings.max_archive_bytes,
-            max_archive_entries=settings.max_archive_entries,
-        ),
-    )
+__all__ = [
+    "SETTINGS_ENV",
+    "build_inference",
+    "build_management",
+    "inference_app",
+    "keystore",
+    "management_app",
+    "management_service",
+    "metrics_app",
+    "model_store",
+    "process_clients",
+    "recorder_for",
+    "settings_from_env",
+]
 
 
 def keystore(settings: Settings, client: redis.Redis) -> KeyStore | None:
@@ -51,43 +55,51 @@ def keystore(settings: Settings, client: redis.Redis) -> KeyStore | None:
     return KeyStore(client, settings.key_file, settings.token_expiration_min)
 
 
-def management_service(settings: Settings, client: redis.Redis) -> ManagementService:
-    """The management operations over ``client``."""
-    dispatcher = Dispatcher(redis_bytes_client(settings.redis_url)) if settings.redis_url else None
+def management_service(
+    settings: Settings, client: redis.Redis, frames: redis.Redis | None = None
+) -> ManagementService:
+    """The management operations over ``client``; given ``frames`` (a bytes client of
+    the same Redis) they reach the workers too: describe's ``customized=true``, and
+    unregister answering the requests still queued. Without it (the launcher's startup
+    registrations) they do not."""
+    dispatcher = Dispatcher(frames) if frames is not None else None
     return ManagementService(settings, client, model_store(settings), dispatcher=dispatcher)
 
 
-def recorder_for(settings: Settings) -> MetricsRecorder:
-    """This process's metrics recorder, flushed to Redis every second by a daemon thread."""
-    url = settings.redis_url
-    if url is None:
-        raise RuntimeError("settings.redis_url must be set before building an app")
+def recorder_for(client: redis.Redis) -> MetricsRecorder:
+    """This process's metrics recorder, flushed to ``client`` every second by a daemon
+    thread."""
     recorder = MetricsRecorder()
-    recorder.start_flusher(lambda: redis_client(url))
+    recorder.start_flusher(client)
     return recorder
 
 
-def build_management(settings: Settings, client: redis.Redis | None = None) -> WSGIApp:
-    """The management app, ready for any WSGI server."""
-    if client is None:
-        if settings.redis_url is None:
-            raise RuntimeError("settings.redis_url must be set before building an app")
-        client = redis_client(settings.redis_url)
+def process_clients(settings: Settings) -> Clients:
+    """The Redis clients of one API process, which every part of its app shares."""
+    if settings.redis_url is None:
+        raise RuntimeError("settings.redis_url must be set before building an app")
+    return connect(settings.redis_url)
+
+
+def build_management(settings: Settings, clients: Clients | None = None) -> WSGIApp:
+    """The management app, ready for any WSGI server; over ``clients`` (default:
+    :func:`process_clients`), and no other Redis connection pool."""
+    clients = clients or process_clients(settings)
+    client = clients.text
     app = create_management_app(
-        management_service(settings, client), keystore(settings, client),
-        [CountResponses(recorder_for(settings))],
+        management_service(settings, client, clients.frames), keystore(settings, client),
+        [CountResponses(recorder_for(client))],
     )  # fmt: skip
     return close_on_error(app)
 
 
-def build_inference(settings: Settings, client: redis.Redis | None = None) -> WSGIApp:
-    """The inference app (port 8080), ready for any WSGI server."""
-    url = settings.redis_url
-    if url is None:
-        raise RuntimeError("settings.redis_url must be set before building an app")
-    text = client if client is not None else redis_client(url)
-    dispatcher = Dispatcher(redis_bytes_client(url))
-    recorder = recorder_for(settings)
+def build_inference(settings: Settings, clients: Clients | None = None) -> WSGIApp:
+    """The inference app (port 8080), ready for any WSGI server; over ``clients``
+    (default: :func:`process_clients`), and no other Redis connection pool."""
+    clients = clients or process_clients(settings)
+    text = clients.text
+    dispatcher = Dispatcher(clients.frames)
+    recorder = recorder_for(text)
     middleware: list[Any] = [CountResponses(recorder), RequestSizeLimit(settings.max_request_size)]
     store = keystore(settings, text)
     if store is not None:
@@ -104,21 +116,13 @@ def metrics_app() -> WSGIApp:
     settings = settings_from_env()
     if settings.redis_url is None:
         raise RuntimeError("settings.redis_url must be set before building an app")
-    client = redis_client(settings.redis_url)
-    return close_on_error(create_metrics_app(client, recorder_for(settings)))
+    client = redis_client(settings.redis_url)  # the metrics port reads no frames
+    return close_on_error(create_metrics_app(client, recorder_for(client)))
 
 
 def inference_app() -> WSGIApp:
     """gunicorn entry point: ``gunicorn 'control.server:inference_app()'``."""
     return build_inference(settings_from_env())
-
-
-def settings_from_env() -> Settings:
-    """The settings file the launcher named in ``MQSERVE_SETTINGS``."""
-    path = os.environ.get(SETTINGS_ENV)
-    if not path:
-        raise RuntimeError(f"{SETTINGS_ENV} is not set; start apps through `mqserve start`")
-    return Settings.from_json(Path(path).read_text())
 
 
 def management_app() -> WSGIApp:

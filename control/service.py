@@ -11,7 +11,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
@@ -30,6 +29,7 @@ from control.params import Params
 from control.registration import RegisterRequest, build_spec, parse_register
 from control.registry import Registry, VersionRecord
 from control.settings import Settings
+from control.timestamps import iso_time
 from control.waiting import WorkerWaiter
 
 log = logging.getLogger(__name__)
@@ -313,10 +313,9 @@ def describe_worker(record: WorkerRecord) -> dict[str, Any]:
     the host's latest nvidia-smi sample in TorchServe's text, or TorchServe's ``failed
     to obtained gpu usage`` when there is none (``control.devices``).
     """
-    started = datetime.fromtimestamp(record.started_at, UTC)
     doc: dict[str, Any] = {
         "id": record.wid,
-        "startTime": started.strftime("%Y-%m-%dT%H:%M:%S.") + f"{started.microsecond // 1000:03d}Z",
+        "startTime": iso_time(record.started_at),
         "status": "READY" if record.state.serving else "UNLOADING",
         "memoryUsage": record.memory,
         "pid": record.pid,

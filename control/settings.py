@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from jproperties import Properties
 
+from control.home import Home
 from control.metrics_schema import MetricsConfigError, load_metrics_config
 from control.observed import LEASE_GRACE
 
@@ -141,7 +142,7 @@ class Settings:
     @property
     def key_file(self) -> Path:
         """Where the plaintext keys are written for the operator (mode 0600)."""
-        return self.home / "key_file.json"
+        return Home(self.home).key_file
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -153,6 +154,27 @@ def parse_address(address: str) -> tuple[str, int]:
             "sockets are not supported; terminate TLS in a proxy)"
         )
     return parts.hostname, parts.port
+
+
+# -- the settings file of a child process --------------------------------------------
+
+#: The environment variable naming the JSON settings file (:meth:`Settings.to_json`)
+#: that the launcher and the supervisor write for their children (API servers, model
+#: workers). Here, not in the WSGI wiring, so that a model worker reads its settings
+#: without importing any HTTP framework.
+SETTINGS_ENV = "MQSERVE_SETTINGS"
+
+
+def settings_from_env() -> Settings:
+    """The settings file named in ``$MQSERVE_SETTINGS``.
+
+    Raises RuntimeError when the variable is unset (the process was not started by
+    ``mqserve``), OSError when the file cannot be read, SettingsError on unknown keys.
+    """
+    path = os.environ.get(SETTINGS_ENV)
+    if not path:
+        raise RuntimeError(f"{SETTINGS_ENV} is not set; start apps through `mqserve start`")
+    return Settings.from_json(Path(path).read_text())
 
 
 # -- config.properties --------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The Celery application: configuration for model queues, built from :class:`Settings`.
 
-Choices (``celery-redis-falcon.md`` §8.4, with the measured reasons there):
+Choices (the measured reasons are in ``docs/design-notes.md#acknowledgement-and-redelivery``
+and ``docs/design-notes.md#liveness``):
 
 * JSON only, in both directions; a pickled message is refused, never loaded.
 * ``acks_late`` + ``reject_on_worker_lost`` + prefetch 1: a request is acknowledged

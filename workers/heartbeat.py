@@ -35,6 +35,7 @@ import redis
 
 from control import observed
 from control.observed import WorkerRecord, WorkerState
+from control.redis_io import text
 from workers.outage import Outage
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,7 @@ class Reporter:
         if self._lease is None or self.lost or self._record.state is WorkerState.DRAINING:
             return  # a draining worker gave its slot up already (its lease is released)
         holder = self._r.get(self._lease.key)
-        text = holder.decode() if isinstance(holder, bytes) else holder
-        reason = self._lease.judge(text, observed.now())
+        reason = self._lease.judge(None if holder is None else text(holder), observed.now())
         if reason:
             log.warning("worker %s drains: %s", self._record.wid, reason)
             self.lost = reason

@@ -32,6 +32,7 @@ import redis
 
 from control import keys
 from control.jobs import FINISHED, QUEUED, RUNNING, TaskSender, send_chunk
+from control.redis_io import text
 from control.settings import Settings
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest, Parameter
 from workers.serving import Handles
@@ -110,9 +111,9 @@ def run_chunk(client: redis.Redis, model: Handles, job_id: str, start: int, end:
     is always safe (items with a result are neither re-run nor re-counted).
     """
     begun = client.register_script(_BEGIN)(keys=[keys.job(job_id)])
-    if not begun or _text(begun[0]) not in (QUEUED, RUNNING):
+    if not begun or text(begun[0]) not in (QUEUED, RUNNING):
         return 0
-    content_type, batch_size = _text(begun[1] or ""), max(int(begun[2] or 1), 1)
+    content_type, batch_size = text(begun[1] or ""), max(int(begun[2] or 1), 1)
     pending = _pending(client, job_id, range(start, end))
     record = client.register_script(_RECORD)
     job_keys = [keys.job(job_id), keys.job_items(job_id), keys.job_results(job_id)]
@@ -124,7 +125,7 @@ def run_chunk(client: redis.Redis, model: Handles, job_id: str, start: int, end:
             args.extend((index, result, "1" if ok else "0"))
         ran += len(batch)
         status = record(keys=job_keys, args=args)
-        if status is None or _text(status) in FINISHED:
+        if status is None or text(status) in FINISHED:
             break
     return ran
 
@@ -199,7 +200,7 @@ def requeue_held(client: redis.Redis, wid: str, send: ChunkSender) -> int:
     )
     sent = 0
     if counted:
-        attempts, model, version = int(counted[0]), _text(counted[1]), _text(counted[2])
+        attempts, model, version = int(counted[0]), text(counted[1]), text(counted[2])
         if attempts <= MAX_REQUEUES:
             sent = _send(send, job_id, keys.batch_queue(model, version), start, end, len(pending))
         else:
@@ -330,8 +331,8 @@ def _result(reply: InferenceReply) -> tuple[bytes, bool]:
     its text, or as ``resultBase64`` when it is not UTF-8 (an image, a tensor).
     """
     if reply.status >= 400:
-        text = reply.body.decode("utf-8", errors="replace")
-        return _error(reply.status, text or reply.reason), False
+        message = reply.body.decode("utf-8", errors="replace")
+        return _error(reply.status, message or reply.reason), False
     entry: dict[str, Any] = {"status": reply.status}
     try:
         entry["result"] = orjson.loads(reply.body)
@@ -345,7 +346,3 @@ def _result(reply: InferenceReply) -> tuple[bytes, bool]:
 
 def _error(status: int, message: str) -> bytes:
     return orjson.dumps({"status": status, "error": message})
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

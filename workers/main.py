@@ -19,7 +19,8 @@ import redis
 
 from control import keys
 from control.devices import visible_gpus
-from control.redis_io import redis_bytes_client, redis_client
+from control.home import write_private
+from control.redis_io import connect, redis_client
 from control.settings import Settings
 from workers.launch import ForkSpawner, ModelFiles, WorkerSpawner, adopt_leftovers
 from workers.outage import until_available
@@ -44,9 +45,9 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
         raise ValueError("a supervisor needs settings.redis_url")
     settings_file = settings_path(settings.home, host)
     settings_file.parent.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(settings.to_json())
-    settings_file.chmod(0o600)
-    client = redis_client(settings.redis_url)
+    write_private(settings_file, settings.to_json())
+    clients = connect(settings.redis_url)
+    client = clients.text
     devices = visible_gpus() if gpus is None else gpus
     stop = threading.Event()
 
@@ -74,8 +75,7 @@ def run_supervisor(settings: Settings, host: str, gpus: tuple[int, ...] | None =
 
     kind = ForkSpawner if settings.worker_start_method == "fork" else WorkerSpawner
     spawner = kind(settings_file, host, settings.home / "logs")
-    frames = redis_bytes_client(settings.redis_url)
-    supervisor = Supervisor(settings, client, host, spawner, devices, frames=frames)
+    supervisor = Supervisor(settings, client, host, spawner, devices, frames=clients.frames)
     supervisor.adopt(left)
     log.info("supervisor %s running with GPUs %s", host, list(devices) or "none")
     try:

@@ -1,14 +1,36 @@
-"""The JSON shape of inference requests and replies on the model queues.
+"""The wire formats of the worker's two request paths, and the one conversion each way
+between each of them and the handler's types (:mod:`workers.handling.types`).
 
-A queue message carries one request: its id, headers and parameters. Parameter values
-and reply bodies are bytes; JSON carries them as base64 text (``b64``) or, when they are
-valid UTF-8 text, as plain strings (``text``), which keeps JSON payloads readable and
-small.
+* The ONLINE path (HTTP predictions and describe): ``control.envelope`` frames on the
+  model version's online queue, answered by a reply frame on the request's reply list.
+  :func:`to_inference_request` turns a :class:`~control.envelope.Request` into the
+  handler's :class:`InferenceRequest`, :func:`to_reply` the handler's
+  :class:`InferenceReply` into a :class:`~control.envelope.Reply`.
+* The CELERY path (``mqserve.predict`` tasks on the model version's batch queue, which
+  any Celery client may send): JSON, since that is what Celery carries.
+  :func:`parse_request` turns a message into an :class:`InferenceRequest`,
+  :func:`reply_message` an :class:`InferenceReply` into the task's JSON result.
 
-Messages come from anyone who can write to a queue (Celery clients send
-``mqserve.predict`` directly), so :func:`parse_request` checks every field and raises
-:class:`MessageError`, and only that, for anything else: the task answers it with
-:func:`failure_message` (400) instead of failing.
+(Batch-job chunks travel on the batch queue too, but their task names only the job and
+an item range; inputs and results live in the job's Redis hashes: ``workers.jobs``.)
+
+A ``mqserve.predict`` message::
+
+    {"id": "r1", "headers": {"X-Trace": "t"},
+     "params": [{"name": "body", "content_type": "application/json", "text": "[1, 2]"},
+                {"name": "image", "content_type": "image/png", "b64": "iVBORw0KGgo="}]}
+
+``id`` is a string (an integer is read as its decimal text); ``headers`` (names are
+lowercased) and ``params`` may be absent, and so may a parameter's ``content_type``
+(``""``). A value is ``text`` (UTF-8 text) or ``b64`` (base64 of the raw bytes). The
+result is ``{"status", "reason", "headers", "content_type"}`` with the body packed the
+same way (``text`` when it is valid UTF-8, which keeps JSON replies readable and small,
+else ``b64``), or :func:`failure_message`'s ``{"status", "error"}`` when the batch failed
+as a whole.
+
+Messages come from anyone who can write to a queue, so :func:`parse_request` checks
+every field and raises :class:`MessageError`, and only that, for anything else: the task
+answers it with :func:`failure_message` (400) instead of failing.
 """
 
 from __future__ import annotations
@@ -17,11 +39,12 @@ import base64
 import binascii
 from typing import Any
 
+from control.envelope import Reply, Request
 from workers.handling.types import InferenceReply, InferenceRequest, Parameter
 
 
 class MessageError(ValueError):
-    """A queue message that is not a request of the shape :func:`request_message` makes."""
+    """A queue message that is not a ``mqserve.predict`` request (see the module docstring)."""
 
 
 def _pack(data: bytes) -> dict[str, str]:
@@ -66,21 +89,9 @@ def _parameter(value: Any) -> Parameter:
     return Parameter(name, content_type, _unpack(value))
 
 
-def request_message(request: InferenceRequest) -> dict[str, Any]:
-    """The JSON-ready message for ``request``."""
-    return {
-        "id": request.request_id,
-        "headers": dict(request.headers),
-        "params": [
-            {"name": p.name, "content_type": p.content_type, **_pack(bytes(p.value))}
-            for p in request.parameters
-        ],
-    }
-
-
 def parse_request(message: Any) -> InferenceRequest:
-    """Inverse of :func:`request_message`; raises :class:`MessageError`, and only that,
-    for anything else (any JSON value may arrive)."""
+    """The handler's view of a ``mqserve.predict`` message; raises :class:`MessageError`,
+    and only that, for anything else (any JSON value may arrive)."""
     if not isinstance(message, dict):
         raise MessageError("the message is not an object")
     rid = message.get("id")
@@ -98,7 +109,7 @@ def parse_request(message: Any) -> InferenceRequest:
 
 
 def reply_message(reply: InferenceReply) -> dict[str, Any]:
-    """The JSON-ready result for ``reply``."""
+    """The task's JSON-ready result for ``reply``."""
     return {
         "status": reply.status,
         "reason": reply.reason,
@@ -108,17 +119,27 @@ def reply_message(reply: InferenceReply) -> dict[str, Any]:
     }
 
 
-def parse_reply(message: dict[str, Any]) -> InferenceReply:
-    """Inverse of :func:`reply_message`."""
-    return InferenceReply(
-        status=int(message["status"]),
-        reason=str(message.get("reason", "")),
-        headers={str(k): str(v) for k, v in message.get("headers", {}).items()},
-        content_type=message.get("content_type"),
-        body=_unpack(message),
-    )
-
-
 def failure_message(status: int, message: str) -> dict[str, Any]:
     """A batch-level failure (TorchServe's ``Prediction failed`` and friends)."""
     return {"status": status, "error": message}
+
+
+def to_inference_request(request: Request) -> InferenceRequest:
+    """The handler's view of an online request frame: its parts are the parameters, and a
+    describe request carries the header ``describe: True`` (as in TorchServe)."""
+    headers = dict(request.headers)
+    if request.kind == "describe":
+        headers["describe"] = "True"
+    return InferenceRequest(request_id=request.id, headers=headers, parameters=list(request.parts))
+
+
+def to_reply(reply: InferenceReply, dequeued: float) -> Reply:
+    """The reply frame for the handler's ``reply`` to a request taken at ``dequeued``."""
+    return Reply(
+        status=reply.status,
+        body=reply.body,
+        reason=reply.reason,
+        headers=dict(reply.headers),
+        content_type=reply.content_type,
+        dequeued=dequeued,
+    )

@@ -17,23 +17,25 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from celery import signals
+import redis
+from celery import Celery, signals
 
 from control import keys
-from control.archive import ModelStore
+from control.archive import ModelStore, model_store
 from control.errors import ModelServerError
 from control.home import Home, write_pid
-from control.metrics import MetricsRecorder, ModelMetrics
+from control.metrics import Flusher, MetricsRecorder, ModelMetrics
 from control.metrics_schema import MetricsConfig, MetricsConfigError
 from control.observed import WorkerRecord, WorkerState
 from control.observed import now as wall
-from control.redis_io import redis_bytes_client, redis_client
-from control.registry import Registry
-from control.server import model_store, settings_from_env
-from control.settings import Settings
+from control.redis_io import Clients, connect
+from control.registry import Registry, VersionRecord
+from control.settings import Settings, settings_from_env
+from control.spec import ModelSpec
 from workers import broker
 from workers.celery_app import make_celery
 from workers.handling.compat import install_compat_path
@@ -64,9 +66,11 @@ def load(
     settings: Settings,
     store: ModelStore,
     args: argparse.Namespace,
+    record: VersionRecord,
     metrics_config: MetricsConfig | None = None,
 ) -> LoadedModel:
-    """Unpack the archive of ``args.model``/``args.version`` and initialise its handler.
+    """Unpack the archive of ``record`` (``args.model``/``args.version``) and initialise
+    its handler.
 
     The handler's ``context.metrics`` has ``metrics_config``'s model metrics declared.
 
@@ -74,7 +78,6 @@ def load(
     (``workers.launch.ModelFiles``) and shared with the host's other workers of the
     version; the supervisor deletes it after the last of them exits.
     """
-    record = Registry(redis_client(settings.redis_url or "")).get(args.model, args.version)
     files = ModelFiles.of(settings.home, args.host)
 
     def extract(dest: Path) -> Path:
@@ -132,10 +135,13 @@ def _observer(
 
 
 def _online_loop(
-    settings: Settings, args: argparse.Namespace, runner: ModelRunner, reporter: Reporter
+    client: redis.Redis,
+    spec: ModelSpec,
+    args: argparse.Namespace,
+    runner: ModelRunner,
+    reporter: Reporter,
 ) -> OnlineLoop:
-    client = redis_bytes_client(settings.redis_url or "")
-    spec = Registry(client).get(args.model, args.version).spec
+    """The loop serving the online queue over ``client`` (the process's bytes client)."""
     inflight = keys.inflight(args.wid)
     # The in-flight list lives as long as this worker; if the whole host vanishes it
     # expires on its own (its requests were answered "Worker died." by the API).
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     settings = settings_from_env()
-    client = redis_client(settings.redis_url or "")
+    # The process's only Redis clients (one pool per role): everything below uses them.
+    clients = connect(settings.redis_url or "")
     started = wall()
     record = WorkerRecord(
         args.wid,
@@ -171,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat=started,
         slot=args.slot,
     )
-    reporter = Reporter(client, record)
+    reporter = Reporter(clients.text, record)
     # The worker outlives a supervisor that crashed, until a successor adopts it or
     # its slot goes (workers.heartbeat): draining is a SIGTERM to itself.
     lease = LeaseWatch(
@@ -184,17 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     reporter.set_state(WorkerState.LOADING)
     reporter.start()
     try:
-        return _serve(settings, args, reporter)
+        return _serve(settings, args, reporter, clients)
     finally:
         reporter.stop()
         pid_file.unlink(missing_ok=True)
 
 
-def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> int:
+def _serve(
+    settings: Settings, args: argparse.Namespace, reporter: Reporter, clients: Clients
+) -> int:
     started = wall()
     try:
         metrics_config = read_metrics_config(settings)
-        model = load(settings, model_store(settings), args, metrics_config)
+        record = Registry(clients.text).get(args.model, args.version)
+        model = load(settings, model_store(settings), args, record, metrics_config)
     except LoadError as exc:
         # The whole traceback of the handler's exception (its cause), as TorchServe logs
         # it; the record keeps the one-line summary that describe shows as lastError.
@@ -208,8 +218,43 @@ def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> 
         reporter.set_state(WorkerState.FAILED, str(exc))
         return EXIT_OUT_OF_MEMORY if exc.oom else EXIT_LOAD_FAILED
     log.info("model %s:%s loaded in %.3f s", args.model, args.version, wall() - started)
+    parts = wire(settings, args, clients, reporter, model, record.spec, metrics_config, started)
+    _wire_signals(reporter, parts.online)
+    try:
+        _run_celery(parts.app, args)
+    finally:
+        parts.online.stop()  # answers the batch in progress; the supervisor bounds how long
+    return 0
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a loaded model worker runs: its Celery app (the batch queue), its online
+    loop, and the flusher of its metrics."""
+
+    app: Celery
+    online: OnlineLoop
+    flusher: Flusher
+
+
+def wire(
+    settings: Settings,
+    args: argparse.Namespace,
+    clients: Clients,
+    reporter: Reporter,
+    model: LoadedModel,
+    spec: ModelSpec,
+    metrics_config: MetricsConfig,
+    started: float,
+) -> Parts:
+    """Build what serves ``model`` (loaded since ``started``, wall clock) over the
+    process's ``clients`` and no other connection pool: the metrics flusher and the
+    Celery tasks use ``clients.text``, the online loop ``clients.frames``.
+
+    Connects no signal and starts nothing but the flusher: :func:`_serve` does.
+    """
     recorder = MetricsRecorder()
-    recorder.start_flusher(lambda: redis_client(settings.redis_url or ""))
+    flusher = recorder.start_flusher(clients.text)
     recorder.gauge(
         "WorkerLoadTime",
         (wall() - started) * 1000,
@@ -221,18 +266,11 @@ def _serve(settings: Settings, args: argparse.Namespace, reporter: Reporter) -> 
     runner = ModelRunner(model, reporter.busy, observe)
     app = make_celery(settings)
     broker.guard(app)  # a queue entry that is not a message must not stop the worker
-    tasks_client = redis_client(settings.redis_url or "")
-    timeout = Registry(tasks_client).get(args.model, args.version).spec.response_timeout
-    register_tasks(app, runner, tasks_client, args.wid, timeout)
-    online = _online_loop(settings, args, runner, reporter)
+    register_tasks(app, runner, clients.text, args.wid, spec.response_timeout)
+    online = _online_loop(clients.frames, spec, args, runner, reporter)
     # A loop that died or is stuck turns the worker FAILED: the supervisor replaces it.
     reporter.watch(online.failure)
-    _wire_signals(reporter, online)
-    try:
-        _run_celery(app, args)
-    finally:
-        online.stop()  # answers the batch in progress; the supervisor bounds how long
-    return 0
+    return Parts(app, online, flusher)
 
 
 def _run_celery(app: Any, args: argparse.Namespace) -> None:

@@ -11,9 +11,20 @@ slots below ``min_workers``, up to its fair share (``ceil(min_workers / live hos
 keeps slots below ``max_workers`` (TorchServe leaves workers between min and max alone)
 and drains slots at or above it.
 
+Leases that expired. A slot whose lease is gone while this host still runs its worker
+or keeps its back-off (the lease expired during a Redis outage longer than a lease) is
+still this host's: the supervisor's renewal claims it again, and no second worker is
+started for it. Only a lease another host holds takes a slot away (its worker drains).
+
+Records that expired. A worker that wrote its record and whose record has since expired
+(it missed three heartbeats: hung) is killed, except within ``RECORD_TTL`` of the end of
+a Redis outage, during which a record may have expired while the worker was fine: its
+next heartbeat writes it again.
+
 Failures. A worker that exits without being asked to, fails to load, or is killed for
 a timeout counts as a failure of its slot, and so does one that reports FAILED while it
-still runs (its request loop died): it is killed after :data:`FAILED_GRACE`. The slot
+still runs (its request loop died): it is killed after :data:`FAILED_GRACE`; and so does
+a worker the supervisor could not start at all (the spawner raised ``OSError``). The slot
 is retried with TorchServe's Fibonacci back-off (1, 1, 2, 3, 5, ... 1597 s) while the
 slot has been failing for less than ``max_retry_timeout``; then it is left failed
 (visible in describe) until the desired state changes.
@@ -22,11 +33,12 @@ slot has been failing for less than ``max_retry_timeout``; then it is left faile
 from __future__ import annotations
 
 import math
+import signal
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from control.observed import WorkerState
+from control.observed import RECORD_TTL, WorkerState
 
 #: TorchServe's ``BACK_OFF`` (seconds); the first retry waits BACK_OFF[1].
 BACK_OFF = (0, 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
@@ -75,22 +87,32 @@ class Process:
     slot: int
     gpu: int
     spawned_at: float
-    #: From the worker's record; STARTING until the worker writes one.
+    #: From the worker's record; STARTING while it has none (the supervisor writes a
+    #: STARTING record before it spawns the worker).
     state: WorkerState = WorkerState.STARTING
     #: When ``state`` began (start of a load, of a request, of a drain).
     state_since: float = 0.0
-    #: False when the worker wrote a record once and it has since expired (hung).
-    record_alive: bool = True
+    #: True when the worker's record is absent although the worker had reported past
+    #: STARTING: it expired, because the worker stopped heartbeating (or Redis was down).
+    record_lost: bool = False
     exit_code: int | None = None
     stop_sent_at: float | None = None
     #: Why the supervisor killed it, if it did.
     kill_reason: str = ""
-    #: Failure text the worker reported (load errors).
+    #: Failure text the worker reported (load errors), or why it could not be spawned.
     reason: str = ""
+    #: True when the spawner raised (``reason`` says what): no process ever ran, so it
+    #: is judged as a worker that exited at once, and ``exit_code`` stays None.
+    spawn_failed: bool = False
 
     @property
     def key(self) -> Key:
         return (self.model, self.version)
+
+    @property
+    def running(self) -> bool:
+        """A process exists and has not exited."""
+        return self.exit_code is None and not self.spawn_failed
 
 
 @dataclass(frozen=True)
@@ -118,6 +140,9 @@ class Observed:
     gpus: tuple[int, ...] = ()
     backoff: Mapping[tuple[str, str, int], Backoff] = field(default_factory=dict)
     spawn_timeout: float = 120.0
+    #: When the supervisor's last Redis outage ended (its first tick that worked after
+    #: one); None when it had none.
+    outage_ended: float | None = None
 
 
 # -- actions --------------------------------------------------------------------------
@@ -152,24 +177,28 @@ class Kill:
 
 @dataclass(frozen=True)
 class Forget:
-    """A worker exited as asked: drop its record and, if ``release``, its slot lease."""
+    """A worker exited as asked: drop its record and, if ``release``, its slot lease;
+    answer the requests it still held with ``answer`` "Worker died." (:func:`died_status`)."""
 
     wid: str
     model: str
     version: str
     slot: int
     release: bool
+    answer: int = 500
 
 
 @dataclass(frozen=True)
 class Fail:
-    """A worker failed: record ``backoff`` for its slot and show it as FAILED."""
+    """A worker failed: record ``backoff`` for its slot and show it as FAILED; answer the
+    requests it held with ``answer`` "Worker died." (:func:`died_status`)."""
 
     wid: str
     model: str
     version: str
     slot: int
     backoff: Backoff
+    answer: int = 500
 
 
 @dataclass(frozen=True)
@@ -204,7 +233,7 @@ def plan(desired: Iterable[Target], observed: Observed) -> list[Action]:
         actions.extend(_judge(proc, targets.get(proc.key), observed))
     # Every observed process occupies its slot for this tick, even one being killed or
     # reaped: its slot is decided again on the next tick, from the new facts.
-    gpu_load = Counter(p.gpu for p in observed.processes if p.exit_code is None)
+    gpu_load = Counter(p.gpu for p in observed.processes if p.running)
     for key in sorted(set(targets) | _held_keys(observed)):
         actions.extend(_slots(key, targets.get(key), observed, gpu_load))
     # A slot in back-off here that another host took meanwhile (this one was cut off)
@@ -218,7 +247,7 @@ def plan(desired: Iterable[Target], observed: Observed) -> list[Action]:
 
 def _judge(proc: Process, target: Target | None, obs: Observed) -> list[Action]:
     """Decide about one owned process: reap, kill, drain or leave it."""
-    if proc.exit_code is not None:
+    if not proc.running:
         return [_reaped(proc, target, obs)]
     now = obs.now
     if proc.stop_sent_at is not None:
@@ -241,32 +270,48 @@ def _moved(proc: Process, obs: Observed) -> bool:
     return holder is not None and holder != obs.host
 
 
+def _record_lost(proc: Process, obs: Observed) -> bool:
+    """True when ``proc``'s record expired because the worker hung. After a Redis outage
+    a record may have expired while the worker was fine: within ``RECORD_TTL`` of the
+    outage's end (a few heartbeats) its absence says nothing."""
+    after_outage = obs.outage_ended is not None and obs.now - obs.outage_ended < RECORD_TTL
+    return proc.record_lost and not after_outage
+
+
+def _state(proc: Process) -> WorkerState:
+    """The state ``proc`` is judged by. One whose record is gone is taken as READY, its
+    last known serving state: no load or request timeout applies to it, only the
+    heartbeat rule (:func:`_record_lost`)."""
+    return WorkerState.READY if proc.record_lost else proc.state
+
+
 def _stuck(proc: Process, target: Target, obs: Observed) -> str:
     """Why ``proc`` must be killed, or ``""``."""
+    state = _state(proc)
     age = obs.now - proc.state_since
-    if proc.state is WorkerState.STARTING and obs.now - proc.spawned_at > obs.spawn_timeout:
+    if state is WorkerState.STARTING and obs.now - proc.spawned_at > obs.spawn_timeout:
         return f"Worker process did not start within {obs.spawn_timeout:g} s"
-    if proc.state is WorkerState.LOADING and age > target.startup_timeout:
+    if state is WorkerState.LOADING and age > target.startup_timeout:
         return f"Model load exceeded startup_timeout of {target.startup_timeout:g} s"
-    if proc.state is WorkerState.BUSY and age > target.response_timeout:
+    if state is WorkerState.BUSY and age > target.response_timeout:
         return f"Worker did not respond within response_timeout of {target.response_timeout:g} s"
-    if not proc.record_alive and proc.state is not WorkerState.STARTING:
+    if _record_lost(proc, obs):
         return "Worker stopped sending heartbeats"
-    if proc.state is WorkerState.FAILED and age > FAILED_GRACE:
+    if state is WorkerState.FAILED and age > FAILED_GRACE:
         return proc.reason or "Worker reported FAILED"
     return ""
 
 
 def _reaped(proc: Process, target: Target | None, obs: Observed) -> Action:
-    """An exited process: a clean drain, or a failure of its slot."""
+    """An exited (or never started) process: a clean drain, or a failure of its slot."""
     asked = proc.stop_sent_at is not None and not proc.kill_reason
+    answer = died_status(proc.exit_code, proc.kill_reason)
     if _moved(proc, obs):  # it drained itself: its slot runs elsewhere, no failure here
-        return Forget(proc.wid, proc.model, proc.version, proc.slot, release=False)
+        return Forget(proc.wid, proc.model, proc.version, proc.slot, False, answer)
     if asked or target is None or proc.slot >= target.max_workers:
         # A drained worker gave its slot up when it was told to stop.
-        return Forget(
-            proc.wid, proc.model, proc.version, proc.slot, release=proc.stop_sent_at is None
-        )
+        release = proc.stop_sent_at is None
+        return Forget(proc.wid, proc.model, proc.version, proc.slot, release, answer)
     previous = obs.backoff.get((proc.model, proc.version, proc.slot))
     failures = 1
     since = obs.now
@@ -276,7 +321,14 @@ def _reaped(proc: Process, target: Target | None, obs: Observed) -> Action:
     delay = BACK_OFF[min(failures, len(BACK_OFF) - 1)]
     reason = proc.kill_reason or proc.reason or _exit_text(proc.exit_code)
     backoff = Backoff(proc.wid, failures, obs.now + delay, since, target.generation, reason)
-    return Fail(proc.wid, proc.model, proc.version, proc.slot, backoff)
+    return Fail(proc.wid, proc.model, proc.version, proc.slot, backoff, answer)
+
+
+def died_status(exit_code: int | None, kill_reason: str) -> int:
+    """The status a dead worker's in-flight requests are answered with ("Worker died."):
+    507 when it ended by a SIGKILL the supervisor gave no reason for (the kernel's OOM
+    killer, which TorchServe recognises by exit code 137), else 500."""
+    return 507 if exit_code == -signal.SIGKILL and not kill_reason else 500
 
 
 def _exit_text(code: int | None) -> str:
@@ -288,7 +340,9 @@ def _exit_text(code: int | None) -> str:
 
 
 def _held_keys(obs: Observed) -> set[Key]:
-    return {k for k, owners in obs.slots.items() if obs.host in owners.values()}
+    """Model versions this host holds a slot of, by lease, process or back-off."""
+    held = {k for k, owners in obs.slots.items() if obs.host in owners.values()}
+    return held | {p.key for p in obs.processes} | {(m, v) for m, v, _ in obs.backoff}
 
 
 def _slots(
@@ -299,18 +353,23 @@ def _slots(
 ) -> list[Action]:
     """Start, restart and release slots of one model version."""
     owners = obs.slots.get(key, {})
-    mine = {slot for slot, host in owners.items() if host == obs.host}
     procs = [p for p in obs.processes if p.key == key]
     # A draining worker takes no requests and has released its slot: a replacement
     # may start while it finishes its last request.
     busy = {p.slot for p in procs if p.stop_sent_at is None}
+    failing = {s for m, v, s in obs.backoff if (m, v) == key}
+    # A lease that expired under this host's worker or back-off (a Redis outage longer
+    # than a lease) is still this host's: its renewal claims it again. Starting the
+    # slot afresh would run a second worker beside the first, or skip the back-off.
+    mine = {slot for slot, host in owners.items() if host == obs.host}
+    mine |= (busy | failing) - owners.keys()
     actions: list[Action] = []
     if target is None:
         return [Release(*key, slot) for slot in sorted(mine - busy)]
     for slot in sorted(mine - busy):
         actions.extend(_idle_slot(key, slot, target, obs, gpu_load))
     for proc in procs:
-        if proc.exit_code is None and proc.state.serving and (*key, proc.slot) in obs.backoff:
+        if proc.running and _state(proc).serving and (*key, proc.slot) in obs.backoff:
             actions.append(Recovered(*key, proc.slot))
     share = math.ceil(target.min_workers / max(obs.live_hosts, 1))
     kept = len([s for s in mine if s < target.max_workers])

@@ -24,7 +24,8 @@ import redis
 from control import keys
 from control.envelope import FrameError, Reply, Request, readable_id
 from control.redis_io import SOCKET_TIMEOUT, block_seconds
-from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest, Parameter
+from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest
+from workers.messages import to_inference_request, to_reply
 from workers.outage import Outage
 
 log = logging.getLogger(__name__)
@@ -170,29 +171,6 @@ class ModelRunner:
             finally:
                 if self._observe is not None:
                     self._observe(len(batch), list(getattr(self._model, "last_metrics", [])))
-
-
-def to_inference_request(request: Request) -> InferenceRequest:
-    """The handling layer's view of a queued request."""
-    headers = dict(request.headers)
-    if request.kind == "describe":
-        headers["describe"] = "True"
-    return InferenceRequest(
-        request_id=request.id,
-        headers=headers,
-        parameters=[Parameter(p.name, p.content_type, p.value) for p in request.parts],
-    )
-
-
-def to_reply(reply: InferenceReply, dequeued: float) -> Reply:
-    return Reply(
-        status=reply.status,
-        body=reply.body,
-        reason=reply.reason,
-        headers=dict(reply.headers),
-        content_type=reply.content_type,
-        dequeued=dequeued,
-    )
 
 
 class OnlineLoop:

@@ -2,7 +2,12 @@
 
 Each tick it snapshots the registry (desired state), its own process table, the worker
 records and the slot leases (observed state), asks :func:`plan` what to do, and does it.
-All decisions live in ``plan``; this module only observes and applies.
+All decisions live in ``plan``; this module only observes and applies. What it cannot
+decide at once it reports as a fact for the next tick: a spawner that raised leaves a
+:class:`SpawnFailure` (``plan`` gives the slot its back-off), a lease renewal that finds
+another host holding the slot changes the leases ``plan`` reads next (it drains the
+worker), a record that is gone is reported as lost (``plan`` applies the heartbeat rule,
+and the grace after a Redis outage, whose end is observed too).
 
 It owns its worker processes: it starts them (``workers.process``), reaps them, and
 stops them with SIGTERM (drain) or SIGKILL (stuck). Workers outlive it: a supervisor
@@ -83,6 +88,21 @@ class Spawner(Protocol):
     ) -> WorkerProcess: ...
 
 
+@dataclass(frozen=True)
+class SpawnFailure:
+    """A worker the spawner could not start (it raised ``OSError``): no process, but its
+    slot lease and STARTING record exist. Observed on the next tick as a process that
+    never ran, so ``plan`` decides the slot's back-off as for any failed worker."""
+
+    wid: str
+    model: str
+    version: str
+    slot: int
+    gpu: int
+    at: float
+    error: str
+
+
 @dataclass
 class Handle:
     """Bookkeeping for one owned worker process."""
@@ -142,6 +162,8 @@ class Supervisor:
         self._gpus = gpus
         self._clock = clock
         self._handles: dict[str, Handle] = {}
+        #: Workers whose spawn failed since the last tick, by worker id.
+        self._unspawned: dict[str, SpawnFailure] = {}
         self._backoff: dict[tuple[str, str, int], Backoff] = {}
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -150,8 +172,8 @@ class Supervisor:
         self._usage = usage if usage is not None else GpuSampler()
         #: This host's unpacked archives; a version's go when its last worker has exited.
         self._files = ModelFiles.of(settings.home, host)
-        #: When the last Redis outage ended (clock time; 0: none yet).
-        self._outage_ended = 0.0
+        #: When the last Redis outage ended (clock time; None: none yet).
+        self._outage_ended: float | None = None
 
     def adopt(self, leftovers: list[Leftover]) -> None:
         """Own the workers an earlier supervisor of this host left (their slot leases are
@@ -194,15 +216,17 @@ class Supervisor:
         """The observed state :func:`plan` decides on."""
         now = self._clock()
         processes = tuple(self._observe_process(h) for h in self._handles.values())
+        unspawned = tuple(_unspawned_process(f) for f in self._unspawned.values())
         return Observed(
             host=self.host,
             now=now,
-            processes=processes,
+            processes=processes + unspawned,
             slots=self._slot_owners(targets),
             live_hosts=max(self._live_hosts(), 1),
             gpus=self._gpus,
             backoff=dict(self._backoff),
             spawn_timeout=float(self.settings.worker_spawn_timeout),
+            outage_ended=self._outage_ended,
         )
 
     def _observe_process(self, handle: Handle) -> Process:
@@ -210,12 +234,6 @@ class Supervisor:
         record = observed.read(self._r, handle.wid)
         if record is not None and record.state is not WorkerState.STARTING:
             handle.reported = True
-        state = record.state if record is not None else WorkerState.STARTING
-        if record is None and handle.reported:
-            state = WorkerState.READY  # last known serving state; the record expired
-        # A record that expired during a Redis outage is re-created by the worker's next
-        # heartbeat: until then its absence says nothing about the worker.
-        after_outage = self._clock() - self._outage_ended < observed.RECORD_TTL
         return Process(
             wid=handle.wid,
             model=handle.model,
@@ -223,9 +241,9 @@ class Supervisor:
             slot=handle.slot,
             gpu=handle.gpu,
             spawned_at=handle.spawned_at,
-            state=state,
+            state=record.state if record is not None else WorkerState.STARTING,
             state_since=record.since if record is not None else handle.spawned_at,
-            record_alive=record is not None or not handle.reported or after_outage,
+            record_lost=record is None and handle.reported,
             exit_code=exit_code,
             stop_sent_at=handle.stop_sent_at,
             kill_reason=handle.kill_reason,
@@ -234,9 +252,9 @@ class Supervisor:
 
     def _slot_owners(self, targets: list[Target]) -> dict[reconcile.Key, dict[int, str]]:
         wanted: dict[reconcile.Key, set[int]] = {t.key: set(range(t.min_workers)) for t in targets}
-        for handle in self._handles.values():
-            wanted.setdefault((handle.model, handle.version), set()).add(handle.slot)
-        for model, version, slot in self._backoff:
+        occupied = [(h.model, h.version, h.slot) for h in self._handles.values()]
+        occupied += [(f.model, f.version, f.slot) for f in self._unspawned.values()]
+        for model, version, slot in [*occupied, *self._backoff]:
             wanted.setdefault((model, version), set()).add(slot)
         owners: dict[reconcile.Key, dict[int, str]] = {}
         for key, slots in wanted.items():
@@ -307,8 +325,10 @@ class Supervisor:
             popen = self._spawn(wid, action.model, action.version, action.slot, action.gpu)
         except OSError as exc:
             log.error("cannot start worker %s: %s", wid, exc)
-            backoff = Backoff(wid, 1, now + reconcile.BACK_OFF[1], now, 0, f"spawn failed: {exc}")
-            self._backoff[(action.model, action.version, action.slot)] = backoff
+            # A fact for the next tick's plan, which decides the slot's back-off.
+            self._unspawned[wid] = SpawnFailure(
+                wid, action.model, action.version, action.slot, action.gpu, now, str(exc)
+            )
             return
         # Owned before anything else can fail (a Redis error): never an orphan process.
         self._handles[wid] = Handle(
@@ -323,9 +343,10 @@ class Supervisor:
         self._release(keys=[keys.slot(handle.model, handle.version, handle.slot)], args=[self.host])
 
     def _forget(self, action: reconcile.Forget) -> None:
+        self._unspawned.pop(action.wid, None)
         handle = self._handles.pop(action.wid, None)
         if handle is not None:
-            self._answer_inflight(handle)
+            self._bury(handle.wid, action.answer)
         self._release_files(action.model, action.version)
         self._backoff.pop((action.model, action.version, action.slot), None)
         self._drop_record(action.wid, action.model, action.version)
@@ -335,10 +356,12 @@ class Supervisor:
             )
 
     def _fail(self, action: reconcile.Fail) -> None:
-        handle = self._handles.pop(action.wid)
         # The back-off first: if Redis fails below, the slot still waits before a retry.
         self._backoff[(action.model, action.version, action.slot)] = action.backoff
-        self._answer_inflight(handle)
+        handle = self._handles.pop(action.wid, None)
+        unspawned = self._unspawned.pop(action.wid, None)
+        if handle is not None:  # a process that never ran took no request
+            self._bury(handle.wid, action.answer)
         self._release_files(action.model, action.version)
         log.warning(
             "worker %s of %s:%s failed (%d in a row): %s",
@@ -348,7 +371,10 @@ class Supervisor:
             action.backoff.failures,
             action.backoff.reason,
         )
-        self._publish_failure(handle, action.backoff.reason)
+        if handle is not None:
+            self._publish_failure(action, handle.gpu, handle.spawned_at)
+        elif unspawned is not None:
+            self._publish_failure(action, unspawned.gpu, unspawned.at)
 
     def _release_files(self, model: str, version: str) -> None:
         """Delete the version's unpacked archive once no worker of it is left on this host.
@@ -359,15 +385,6 @@ class Supervisor:
         """
         if not any(h.model == model and h.version == version for h in self._handles.values()):
             self._files.remove(model, version)
-
-    def _answer_inflight(self, handle: Handle) -> None:
-        """Answer the requests a dead worker held: TorchServe's ``Worker died.``.
-
-        A SIGKILL we did not send is the kernel's OOM killer: 507, as TorchServe maps
-        exit code 137; any other death is 500.
-        """
-        oom = handle.popen.poll() == -signal.SIGKILL and not handle.kill_reason
-        self._bury(handle.wid, 507 if oom else 500)
 
     def _bury(self, wid: str, status: int = 500) -> None:
         """Answer dead worker ``wid``'s in-flight requests with ``status`` "Worker died."
@@ -380,21 +397,21 @@ class Supervisor:
         if requeued:
             log.warning("requeued %d batch-job item(s) of dead worker %s", requeued, wid)
 
-    def _publish_failure(self, handle: Handle, reason: str) -> None:
+    def _publish_failure(self, action: reconcile.Fail, gpu: int, started_at: float) -> None:
         now = self._clock()
         record = WorkerRecord(
-            handle.wid,
-            handle.model,
-            handle.version,
+            action.wid,
+            action.model,
+            action.version,
             self.host,
             -1,
-            handle.gpu,
+            gpu,
             WorkerState.FAILED,
-            handle.spawned_at,
-            reason=reason,
+            started_at,
+            reason=action.backoff.reason,
             since=now,
             heartbeat=now,
-            slot=handle.slot,
+            slot=action.slot,
         )
         observed.publish(self._r, record, ttl=LEASE_SECONDS)
 
@@ -407,23 +424,26 @@ class Supervisor:
     # -- leases and presence ---------------------------------------------------------------
 
     def _keep_alive(self) -> None:
-        """Renew this host's leases and presence; drain workers whose lease was lost."""
+        """Renew this host's leases (claiming again the ones that expired while nobody
+        took them), its worker records until the workers write their own, and its
+        presence. A lease another host holds is left to it: the next tick's ``plan``
+        sees that and drains the worker or forgets the slot's back-off."""
         lease = int(LEASE_SECONDS * 1000)
-        for handle in list(self._handles.values()):
+        for handle in self._handles.values():
             slot = keys.slot(handle.model, handle.version, handle.slot)
             if handle.stop_sent_at is not None:
-                pass
+                pass  # a draining worker gave its slot up
             elif (renewed := self._renew(keys=[slot], args=[self.host, lease])) == 0:
-                log.error("lost the lease of %s; draining worker %s", slot, handle.wid)
-                self._stop(handle)
+                log.error("another host holds the lease of %s; worker %s drains", slot, handle.wid)
             elif renewed == 2:
                 log.warning("the lease of %s had expired; claimed it again", slot)
             if not handle.reported and handle.popen.poll() is None:
                 self._r.pexpire(keys.worker(handle.wid), lease)
-        for (model, version, index), backoff in self._backoff.items():
-            # A slot another host took meanwhile is not renewed here (plan releases it).
+        idle = [(k, b.wid) for k, b in self._backoff.items()]
+        idle += [((f.model, f.version, f.slot), f.wid) for f in self._unspawned.values()]
+        for (model, version, index), wid in idle:
             self._renew(keys=[keys.slot(model, version, index)], args=[self.host, lease])
-            self._r.pexpire(keys.worker(backoff.wid), lease)
+            self._r.pexpire(keys.worker(wid), lease)
         now = self._clock()
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(keys.host(self.host), mapping={"heartbeat": now, "gpus": len(self._gpus)})
@@ -468,7 +488,7 @@ class Supervisor:
             while not stop.is_set():
                 try:
                     if outage.ongoing:
-                        # If this tick works, the outage ended now: see _observe_process.
+                        # If this tick works, the outage ended now (plan excuses lost records).
                         self._outage_ended = self._clock()
                     if pubsub is None:
                         pubsub = self._r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
@@ -509,15 +529,35 @@ class Supervisor:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 handle.popen.wait(5.0)
         for handle in list(self._handles.values()):
+            answer = reconcile.died_status(handle.popen.poll(), handle.kill_reason)
             self._forget(
                 reconcile.Forget(
-                    handle.wid, handle.model, handle.version, handle.slot, release=True
+                    handle.wid, handle.model, handle.version, handle.slot, True, answer
                 )
+            )
+        for failure in list(self._unspawned.values()):
+            self._forget(
+                reconcile.Forget(failure.wid, failure.model, failure.version, failure.slot, True)
             )
         for (model, version, slot), backoff in list(self._backoff.items()):
             self._apply(reconcile.Release(model, version, slot))
             self._drop_record(backoff.wid, model, version)
         self._r.delete(keys.host(self.host))
+
+
+def _unspawned_process(failure: SpawnFailure) -> Process:
+    """How ``plan`` sees a worker that could not be spawned."""
+    return Process(
+        wid=failure.wid,
+        model=failure.model,
+        version=failure.version,
+        slot=failure.slot,
+        gpu=failure.gpu,
+        spawned_at=failure.at,
+        state_since=failure.at,
+        reason=f"spawn failed: {failure.error}",
+        spawn_failed=True,
+    )
 
 
 def _close(pubsub: PubSub | None) -> None:

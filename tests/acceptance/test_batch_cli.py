@@ -154,6 +154,9 @@ def test_ctrl_c_leaves_the_job_and_attach_prints_its_results(stack: Stack, tmp_p
             env=stack.env(),
             stdout=subprocess.DEVNULL,
             stderr=err,
+            # As at a terminal: a suite started in the background (`cmd &` in a script)
+            # has SIGINT ignored, and a Python started so keeps ignoring it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         submitted = re.compile(r"job ([0-9a-f]{32}): 50 items\nbatch")  # then the progress

@@ -1,7 +1,7 @@
 """The inference API over real Redis, real supervisors and real worker processes.
 
-Covers torchserve.md §2.4 row by row, batching, the queue bound, a worker killed
-mid-request, a request past its deadline, and /ping's truthfulness.
+Covers docs/torchserve-compat.md#inference-errors row by row, batching, the queue bound,
+a worker killed mid-request, a request past its deadline, and /ping's truthfulness.
 """
 
 from __future__ import annotations

@@ -4,10 +4,15 @@ The management API only learns about workers through their records in Redis, so 
 fleet that keeps records in line with the desired counts is an exact stand-in for
 the real supervisor as far as the API is concerned. Integration tests use the real
 supervisor and real worker processes instead.
+
+:class:`FakeProcess` is the other way round: one worker process under the real
+supervisor (``tests/unit/test_supervisor.py``).
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,3 +90,42 @@ class FakeFleet:
         finally:
             self._stop.set()
             self._thread.join(timeout=5)
+
+
+class FakeProcess:
+    """A worker process as the supervisor sees it (``workers.launch.WorkerProcess``).
+
+    It runs until it is signalled or told to :meth:`exit`. SIGTERM makes it drain and
+    exit 0 at once, unless ``ignores_sigterm`` (a handler stuck in a call); SIGKILL
+    always ends it (-9). :meth:`wait` never sleeps: a process still running at its
+    call raises ``TimeoutExpired`` as ``Popen.wait`` would once ``timeout`` passed,
+    and records the timeout it was given.
+    """
+
+    def __init__(self, pid: int, ignores_sigterm: bool = False) -> None:
+        self.pid = pid
+        self.ignores_sigterm = ignores_sigterm
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+        self.waits: list[float | None] = []
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        assert self.returncode is None, "signal sent to a process that has exited"
+        self.signals.append(sig)
+        if sig == signal.SIGKILL:
+            self.returncode = -signal.SIGKILL
+        elif sig == signal.SIGTERM and not self.ignores_sigterm:
+            self.returncode = 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.waits.append(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+        return self.returncode
+
+    def exit(self, code: int) -> None:
+        """The process ends by itself with ``code`` (negative: killed by that signal)."""
+        self.returncode = code

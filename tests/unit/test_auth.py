@@ -1,4 +1,5 @@
-"""Token authorization (torchserve.md §1.10) with 192-bit keys stored as digests."""
+"""Token authorization (docs/torchserve-compat.md#token-authorization) with 192-bit keys
+stored as digests."""
 
 from __future__ import annotations
 

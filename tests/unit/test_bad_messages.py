@@ -25,8 +25,14 @@ from control import keys
 from control.envelope import FrameError, Part, Reply, Request, pack, readable_id
 from control.jobs import BATCH_TASK
 from workers import broker
-from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest
-from workers.messages import MessageError, parse_request, request_message
+from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest, Parameter
+from workers.messages import (
+    MessageError,
+    parse_request,
+    reply_message,
+    to_inference_request,
+    to_reply,
+)
 from workers.serving import LOOP_FAILED, ModelRunner, OnlineLoop, answer_all
 from workers.tasks import PREDICT_TASK, chunk_problem, predict, register_tasks
 
@@ -313,9 +319,43 @@ def test_a_bad_predict_message_is_answered_400(message: Any) -> None:
     assert echo.batches == []
 
 
-def test_a_good_predict_message_round_trips() -> None:
-    request = InferenceRequest("r", {"h": "v"}, [])
-    assert parse_request(request_message(request)) == request
+def test_a_good_predict_message_is_read_as_documented() -> None:
+    # The shape workers.messages documents: text or base64 values, lowercased headers.
+    message = {
+        "id": "r", "headers": {"X-Trace": "t"},
+        "params": [
+            {"name": "body", "content_type": "application/json", "text": "[1, 2]"},
+            {"name": "image", "content_type": "image/png", "b64": "iVBORw0KGgo="},
+            {"name": "note", "text": "caf\u00e9"},
+        ],
+    }  # fmt: skip
+    assert parse_request(message) == InferenceRequest(
+        "r",
+        {"x-trace": "t"},
+        [
+            Parameter("body", "application/json", b"[1, 2]"),
+            Parameter("image", "image/png", b"\x89PNG\r\n\x1a\n"),
+            Parameter("note", "", "caf\u00e9".encode()),
+        ],
+    )
+    assert parse_request({"id": 7}) == InferenceRequest("7", {}, [])
+
+
+def test_the_handler_types_convert_to_and_from_each_wire_format() -> None:
+    describe = dataclasses.replace(GOOD, kind="describe")
+    assert to_inference_request(describe) == InferenceRequest(
+        "r1", {"a": "b", "describe": "True"}, list(GOOD.parts)
+    )
+    assert to_inference_request(GOOD).headers == {"a": "b"}
+    reply = InferenceReply(201, "Made", {"x": "y"}, "text/plain", b"\xff")
+    framed = to_reply(reply, 5.0)
+    assert framed == Reply(201, b"\xff", "Made", {"x": "y"}, "text/plain", None, 5.0)
+    assert Reply.parse(framed.frame()) == framed
+    assert reply_message(reply) == {
+        "status": 201, "reason": "Made", "headers": {"x": "y"},
+        "content_type": "text/plain", "b64": "/w==",
+    }  # fmt: skip
+    assert reply_message(dataclasses.replace(reply, body=b"ok"))["text"] == "ok"
 
 
 @pytest.fixture

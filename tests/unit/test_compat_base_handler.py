@@ -1,4 +1,5 @@
-"""The compatibility BaseHandler: model formats, safe loading, handle() paths (§3.4)."""
+"""The compatibility BaseHandler: model formats, safe loading, handle() paths
+(docs/torchserve-compat.md#basehandler)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The TorchServe Context, RequestProcessor and metrics API (torchserve.md §3.5)."""
+"""The TorchServe Context, RequestProcessor and metrics API (docs/torchserve-compat.md#context)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""One batch through a loaded handler: decoding, replies, errors (torchserve.md §2.2-2.4)."""
+"""One batch through a loaded handler: decoding, replies, errors
+(docs/torchserve-compat.md#inference-api)."""
 
 from __future__ import annotations
 

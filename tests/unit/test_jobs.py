@@ -21,10 +21,11 @@ from control.errors import (
     ModelVersionNotFoundException,
     ServiceUnavailableException,
 )
-from control.jobs import BATCH_TASK, DEFAULT_TTL_S, JobStore, chunk_size, chunks, iso_time
+from control.jobs import BATCH_TASK, DEFAULT_TTL_S, JobStore, chunk_size, chunks
 from control.registry import Registry
 from control.settings import Settings
 from control.spec import ModelSpec
+from control.timestamps import iso_time
 from workers import jobs as worker_jobs
 from workers.celery_app import make_celery
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest

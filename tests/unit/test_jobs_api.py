@@ -12,8 +12,7 @@ import orjson
 import pytest
 from falcon import testing
 
-from control import jobs_api
-from control.http import new_app
+from control.http import new_app, read_body
 from control.jobs import JobStore
 from control.jobs_api import add_job_routes
 from tests.unit.test_jobs import FakeCelery, FakeModel, drain, make_store
@@ -125,9 +124,13 @@ def test_a_body_over_max_request_size_is_a_bare_413(
 def test_a_body_without_content_length_is_read_bounded() -> None:
     req: Any = SimpleNamespace(content_length=None, bounded_stream=io.BytesIO(b"x" * (LIMIT + 1)))
     with pytest.raises(falcon.HTTPContentTooLarge):
-        jobs_api._read_body(req, LIMIT)
+        read_body(req, LIMIT)
     req.bounded_stream = io.BytesIO(b"x" * LIMIT)
-    assert len(jobs_api._read_body(req, LIMIT)) == LIMIT
+    assert len(read_body(req, LIMIT)) == LIMIT
+    # A Content-Length over the limit is refused before anything is read.
+    req.content_length, req.bounded_stream = LIMIT + 1, None
+    with pytest.raises(falcon.HTTPContentTooLarge):
+        read_body(req, LIMIT)
 
 
 def test_unknown_models_and_jobs(api: testing.TestClient) -> None:

@@ -1,4 +1,4 @@
-"""Management API rows of torchserve.md §1 and §7: status, body and headers."""
+"""Management API rows of docs/torchserve-compat.md#management-api: status, body and headers."""
 
 from __future__ import annotations
 

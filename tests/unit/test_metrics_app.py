@@ -15,7 +15,8 @@ from openapi_spec_validator import validate
 
 from control import keys
 from control.http import REDIS_DOWN, new_app
-from control.metrics import CONTENT_TYPE, CountResponses, MetricsRecorder, create_metrics_app
+from control.metrics import CONTENT_TYPE, MetricsRecorder
+from control.metrics_api import CountResponses, create_metrics_app
 from control.openapi import load_description
 
 NOT_FOUND = "Requested resource is not found, please refer to API document."

@@ -1,5 +1,5 @@
 """Handler metrics on the metrics page: which records are exported, how they aggregate over
-worker processes through Redis, and how the page shows them (torchserve.md §2.6).
+worker processes through Redis, and how the page shows them (docs/torchserve-compat.md#metrics).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Replay TorchServe's own management test data (82 rows) against mqserve, in order.
 
-The rows come from TorchServe 0.12.0's postman suite (``shared/reference/torchserve-
+The rows come from TorchServe 0.12.0's postman suite (``tests/data/torchserve-
 postman/management_data.json``) and assert the HTTP status. Archives are small local
 stand-ins with the same names; the remote ``torchserve.pytorch.org`` archives are served
 by a fetch stub, so the suite runs offline with the allow-list the suite relies on.

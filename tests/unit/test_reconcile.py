@@ -71,7 +71,7 @@ CASES: list[tuple[str, list[Target], Observed, list[Action]]] = [
     (
         "a slot another host took (this one was cut off) drains its worker here",
         [T],
-        obs((proc(0), proc(1, record_alive=False)), {("m", "1.0"): {0: HOST, 1: "b"}}),
+        obs((proc(0), proc(1, record_lost=True)), {("m", "1.0"): {0: HOST, 1: "b"}}),
         [Stop("9001")],
     ),
     (
@@ -154,12 +154,37 @@ CASES: list[tuple[str, list[Target], Observed, list[Action]]] = [
     (
         "crash: fail with back-off 1 s, keep the slot",
         [T],
+        obs((proc(0), proc(1, exit_code=3)), held(0, 1)),
+        [
+            Fail(
+                "9001",
+                "m",
+                "1.0",
+                1,
+                Backoff("9001", 1, NOW + 1, NOW, 3, "Worker died (exit code 3)"),
+            )
+        ],
+    ),
+    (
+        "a SIGKILL nobody sent is the OOM killer: its requests are answered 507",
+        [T],
         obs((proc(0), proc(1, exit_code=-9)), held(0, 1)),
         [
             Fail(
-                "9001", "m", "1.0", 1, Backoff("9001", 1, NOW + 1, NOW, 3, "Worker died (signal 9)")
+                "9001",
+                "m",
+                "1.0",
+                1,
+                Backoff("9001", 1, NOW + 1, NOW, 3, "Worker died (signal 9)"),
+                answer=507,
             )
         ],
+    ),
+    (
+        "a drained worker the OOM killer ended: forgotten, its requests answered 507",
+        [T],
+        obs((proc(0), proc(1, exit_code=-9, stop_sent_at=NOW - 1)), held(0)),
+        [Forget("9001", "m", "1.0", 1, release=False, answer=507), Start("m", "1.0", 1, -1)],
     ),
     (
         "repeated crash: Fibonacci back-off",
@@ -192,8 +217,112 @@ CASES: list[tuple[str, list[Target], Observed, list[Action]]] = [
     (
         "lost heartbeat is killed",
         [T],
-        obs((proc(0), proc(1, record_alive=False)), held(0, 1)),
+        obs((proc(0), proc(1, record_lost=True)), held(0, 1)),
         [Kill("9001", "Worker stopped sending heartbeats")],
+    ),
+    (
+        "a lost record is excused within RECORD_TTL of a Redis outage's end",
+        [T],
+        obs((proc(0), proc(1, record_lost=True)), held(0, 1), outage_ended=NOW - 2.9),
+        [],
+    ),
+    (
+        "a lost record past RECORD_TTL after the outage is a hung worker",
+        [T],
+        obs((proc(0), proc(1, record_lost=True)), held(0, 1), outage_ended=NOW - 3),
+        [Kill("9001", "Worker stopped sending heartbeats")],
+    ),
+    (
+        "a lost record is judged as READY: no start or load timeout applies",
+        [T],
+        obs(
+            (
+                proc(0),
+                proc(1, record_lost=True, state=WorkerState.STARTING, spawned_at=NOW - 900),
+            ),
+            held(0, 1),
+            outage_ended=NOW - 1,
+        ),
+        [],
+    ),
+    (
+        "a lost record of a worker that recovered counts as serving",
+        [T],
+        obs(
+            (proc(0), proc(1, record_lost=True)),
+            held(0, 1),
+            backoff={("m", "1.0", 1): backoff()},
+            outage_ended=NOW - 1,
+        ),
+        [Recovered("m", "1.0", 1)],
+    ),
+    (
+        "spawn failed: back-off 1 s, like a crash",
+        [T],
+        obs((proc(0), proc(1, spawn_failed=True, reason="spawn failed: ENOMEM")), held(0, 1)),
+        [Fail("9001", "m", "1.0", 1, Backoff("9001", 1, NOW + 1, NOW, 3, "spawn failed: ENOMEM"))],
+    ),
+    (
+        "spawn failed again: Fibonacci back-off",
+        [T],
+        obs(
+            (proc(0), proc(1, spawn_failed=True, reason="spawn failed: x")),
+            held(0, 1),
+            backoff={("m", "1.0", 1): backoff(failures=2, since=NOW - 3)},
+        ),
+        [Fail("9001", "m", "1.0", 1, Backoff("9001", 3, NOW + 2, NOW - 3, 3, "spawn failed: x"))],
+    ),
+    (
+        "spawn failed for a model that went away: release the slot",
+        [],
+        obs((proc(0, spawn_failed=True, reason="spawn failed: x"),), held(0)),
+        [Forget("9000", "m", "1.0", 0, release=True)],
+    ),
+    (
+        "spawn failed and another host took the slot: nothing of it stays here",
+        [T],
+        obs(
+            (proc(0), proc(1, spawn_failed=True, reason="spawn failed: x")),
+            {("m", "1.0"): {0: HOST, 1: "b"}},
+        ),
+        [Forget("9001", "m", "1.0", 1, release=False)],
+    ),
+    (
+        "a failed spawn holds no GPU",
+        [replace(T, min_workers=3, max_workers=3)],
+        obs(
+            (replace(proc(0), gpu=0), proc(1, gpu=1, spawn_failed=True, reason="x")),
+            held(0, 1),
+            gpus=(0, 1),
+        ),
+        [
+            Fail("9001", "m", "1.0", 1, Backoff("9001", 1, NOW + 1, NOW, 3, "x")),
+            Start("m", "1.0", 2, 1),
+        ],
+    ),
+    (
+        "a lease that expired under a running worker stays this host's: no second worker",
+        [T],
+        obs((proc(0), proc(1)), held(0)),
+        [],
+    ),
+    (
+        "a lease that expired under a back-off: the back-off still holds",
+        [T],
+        obs((proc(0),), held(0), backoff={("m", "1.0", 1): backoff()}),
+        [],
+    ),
+    (
+        "a lease that expired under an elapsed back-off: retry with the same id",
+        [T],
+        obs((proc(0),), held(0), backoff={("m", "1.0", 1): backoff(retry_at=NOW)}),
+        [Start("m", "1.0", 1, -1, "9000")],
+    ),
+    (
+        "a back-off of a deleted model whose lease expired is forgotten",
+        [],
+        obs(backoff={("m", "1.0", 0): backoff()}),
+        [Release("m", "1.0", 0)],
     ),
     (
         "a running worker reporting FAILED is killed with its reason after the grace",

@@ -1,8 +1,9 @@
 """Request decoding and reply encoding, exactly as TorchServe's Python backend does them.
 
-Decoding (``torchserve.md`` §2.2): ``application/json`` → ``json.loads`` (raw bytes if
-that fails), ``text/*`` → UTF-8 ``str`` (raw bytes if that fails), anything else →
-``bytearray``. Encoding (§0 fact 18): bytes raw, ``str`` UTF-8, ``torch.Tensor`` via
+Decoding (``docs/torchserve-compat.md#request-to-handler-input``): ``application/json``
+→ ``json.loads`` (raw bytes if that fails), ``text/*`` → UTF-8 ``str`` (raw bytes if
+that fails), anything else → ``bytearray``. Encoding
+(``docs/torchserve-compat.md#replies``): bytes raw, ``str`` UTF-8, ``torch.Tensor`` via
 ``torch.save``, anything else ``json.dumps(x, indent=2)``.
 """
 

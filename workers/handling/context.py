@@ -1,10 +1,11 @@
 """TorchServe's handler ``Context`` and per-request ``RequestProcessor``.
 
-Same constructor order, members and methods as ``ts/context.py`` (``torchserve.md``
-§3.5), so handler code (and handler unit tests that build a Context themselves) run
-unchanged. The load-time part (name, manifest, system properties, model-config.yaml)
-is fixed for the life of a worker; :meth:`Context.start_batch` replaces the per-batch
-part (request ids and one :class:`RequestProcessor` per request) before every batch.
+Same constructor order, members and methods as ``ts/context.py``
+(``docs/torchserve-compat.md#context``), so handler code (and handler unit tests that
+build a Context themselves) run unchanged. The load-time part (name, manifest, system
+properties, model-config.yaml) is fixed for the life of a worker;
+:meth:`Context.start_batch` replaces the per-batch part (request ids and one
+:class:`RequestProcessor` per request) before every batch.
 """
 
 from __future__ import annotations

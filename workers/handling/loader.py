@@ -1,4 +1,5 @@
-"""Load a model's handler the way TorchServe's ``ts/model_loader.py`` does (§3.3).
+"""Load a model's handler the way TorchServe's ``ts/model_loader.py`` does
+(``docs/torchserve-compat.md#handler-resolution``).
 
 1. The model directory is prepended to ``sys.path``. (TorchServe also makes it the
    worker's cwd; that is :func:`enter_model_dir`, which the worker process calls
@@ -227,11 +228,6 @@ def handler_location(exc: BaseException, model_dir: Path) -> tuple[str, int] | N
         if _inside(root, frame.filename):
             return _relative(root, frame.filename), frame.lineno or 0
     return None
-
-
-def scrub_paths(text: str) -> str:
-    """``text`` with absolute paths cut to their last component, at most 1000 chars."""
-    return _bounded(_DIRECTORIES.sub("", text), MAX_MESSAGE)
 
 
 def _bounded(text: str, limit: int) -> str:

@@ -1,6 +1,6 @@
 """A loaded model: runs one batch through the handler and shapes the replies.
 
-Error mapping (``torchserve.md`` §2.4), each failing the whole batch with a
+Error mapping (``docs/torchserve-compat.md#inference-errors``), each failing the whole batch with a
 :class:`HandlerFailure`:
 
 * the handler raised ``MemoryError``, or an exception whose text contains ``CUDA``

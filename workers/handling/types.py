@@ -1,22 +1,26 @@
 """The values a worker passes into and gets out of a loaded model.
 
 These mirror what TorchServe's frontend sends its Python backend for one inference
-request (``torchserve.md`` §2.2, §3.7) and what it reads back per request (§2.3).
+request (``docs/torchserve-compat.md#request-to-handler-input``) and what it reads back per
+request (``docs/torchserve-compat.md#replies``).
+
+They are what a handler sees whichever path brought the request: an online frame
+(``control.envelope``) or a Celery ``mqserve.predict`` message; ``workers.messages``
+converts each wire format to and from them, once each way. Batch-job chunks build them
+from the job's stored items (``workers.jobs``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from control.envelope import Part
 
-@dataclass(frozen=True)
-class Parameter:
-    """One input of a request: a form field, a file part, or the whole body (``body``)."""
-
-    name: str
-    #: The part's or request's mime type as the client sent it ("" when none).
-    content_type: str
-    value: bytes
+#: One input of a request: a form field, a file part, or the whole body (``body``), with
+#: the part's or request's mime type as the client sent it ("" when none). The very type
+#: the online frames carry (``control.envelope.Part``), so that the HTTP layer, the
+#: queues and the handler share one model of an input; the name is TorchServe's.
+Parameter = Part
 
 
 @dataclass(frozen=True)

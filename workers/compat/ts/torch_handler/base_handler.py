@@ -1,4 +1,4 @@
-"""TorchServe's ``BaseHandler`` (``torchserve.md`` §3.4), loading weights safely.
+"""TorchServe's ``BaseHandler`` (``docs/torchserve-compat.md#basehandler``), loading weights safely.
 
 ``initialize`` picks the device and loads ``serializedFile`` from the model directory:
 
