@@ -7,7 +7,7 @@ Give the process at the top of the server's tree:
   (``--server-pid $(head -n1 $MQSERVE_HOME/run/mqserve.pid)``). Below it are
   redis-server, one gunicorn master per API with its workers, and the supervisor, whose
   children are the model workers (forked from it, or started as
-  ``python -m workers.process``).
+  ``python -m workers.worker.process``).
 * TorchServe: the java process's pid (``pgrep -f org.pytorch.serve.ModelServer``), not
   the ``torchserve`` launcher's; its children are the Python model workers.
 
@@ -74,7 +74,7 @@ def _role(info: ProcessInfo, parent_role: str | None, is_root: bool) -> str:
         which = f" ({app.group(1)})" if app else ""
         parent_is_master = parent_role is not None and parent_role.startswith("gunicorn master")
         return f"gunicorn {'worker' if parent_is_master else 'master'}{which}"
-    if "workers.process" in command or parent_role == "supervisor":
+    if "workers.worker.process" in command or parent_role == "supervisor":
         return "worker"
     if "supervisor" in info.cmdline and "control.cli" in command:
         return "supervisor"

@@ -1,5 +1,7 @@
-"""mqserve's control plane: the management API, the registry in Redis, the CLI.
+"""mqserve's control plane: the APIs and the registry they write.
 
-``keys`` documents every Redis key; ``registry`` changes desired state atomically;
-``service`` holds TorchServe's management semantics; ``management`` is the HTTP face.
+``core`` is what every process shares (key schema, registry, liveness rule, settings,
+frames, the request path); ``management``, ``inference``, ``metrics`` and ``jobs`` are
+the HTTP APIs, wired by ``server``; ``archives`` is the model store; ``stack`` runs a
+whole stack (``mqserve start``); ``cli`` is the command line. See docs/architecture.md.
 """

@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 
-# control.launcher (with Falcon, Celery and gunicorn behind it) and workers.main are
+# control.stack.launcher (with Falcon, Celery and gunicorn behind it) and workers.supervisor.run are
 # imported inside the commands that run them, so that `mqserve --help`, `mqserve batch`
 # and the other commands load only what they use (tests/acceptance/test_cli_imports.py).
-from control.settings import (
+from control.core.settings import (
     Settings,
     SettingsError,
     apply_properties,
@@ -40,7 +40,7 @@ def stack_failures() -> tuple[type[Exception], ...]:
 
     Imports the launcher, as only those commands do.
     """
-    from control import launcher
+    from control.stack import launcher
 
     return (*FAILURES, launcher.LaunchError)
 
@@ -155,7 +155,7 @@ def start(
     """Start the model server (detached unless --foreground)."""
     if more_models and not models:
         raise click.UsageError(f"unexpected argument {more_models[0]!r}")
-    from control import launcher
+    from control.stack import launcher
 
     try:
         if settings_file is not None:  # the detached runner: settings already resolved
@@ -178,7 +178,7 @@ def start(
 @cli.command()
 def stop() -> None:
     """Stop the model server of $MQSERVE_HOME; exit 1 if it is not running."""
-    from control import launcher
+    from control.stack import launcher
 
     try:
         code = launcher.stop(home_from_env())
@@ -190,7 +190,7 @@ def stop() -> None:
 @cli.command()
 def status() -> None:
     """Print what runs (from the pid files); exit 0 only when every process is up."""
-    from control import launcher
+    from control.stack import launcher
 
     state, healthy = launcher.status(home_from_env())
     click.echo(f"mqserve is {state}")
@@ -224,7 +224,7 @@ def api(
     For a container or host that serves the APIs while supervisors run elsewhere
     against the same Redis; --redis-url is required.
     """
-    from control import launcher
+    from control.stack import launcher
 
     try:
         settings = build_settings(
@@ -282,7 +282,9 @@ def supervisor(
 
     Extra hosts run only this command against the stack's Redis and model store.
     """
-    from workers import main as workers_main  # workers import torch lazily; keep CLI light
+    from workers.supervisor import (
+        run as workers_main,  # workers import torch lazily; keep CLI light
+    )
 
     try:
         if settings_file is not None:
@@ -350,7 +352,7 @@ def batch(
         raise click.UsageError("--attach takes no MODEL, INPUTS or --version")
     if attach is None and (model is None or inputs is None):
         raise click.UsageError("give MODEL and INPUTS, or --attach JOB_ID")
-    from control import batch_client  # imports Celery; keep the other commands light
+    from control.jobs import client as batch_client  # imports Celery; keep the other commands light
 
     settings = batch_client.cli_settings(home_from_env(), redis_url)
     if model is not None and inputs is not None:

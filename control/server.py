@@ -4,8 +4,8 @@ The launcher writes the settings to a JSON file and names it in ``MQSERVE_SETTIN
 gunicorn calls :func:`management_app` in each of its worker processes. Nothing here
 connects to Redis at import time, so forking stays safe.
 
-``model_store`` (now in ``control.archive``) and ``settings_from_env`` /
-``SETTINGS_ENV`` (now in ``control.settings``) are re-exported here for existing
+``model_store`` (now in ``control.archives.store``) and ``settings_from_env`` /
+``SETTINGS_ENV`` (now in ``control.core.settings``) are re-exported here for existing
 callers; processes that must not load Falcon (model workers, the supervisor) import
 them from their own modules.
 """
@@ -16,21 +16,21 @@ from typing import Any
 
 import redis
 
-from control.archive import model_store
-from control.auth import KeyStore, TokenAuth
-from control.dispatch import Dispatcher
-from control.health import healthy
-from control.http import RequestSizeLimit, WSGIApp, close_on_error
-from control.inference import create_inference_app
-from control.jobs import JobStore
-from control.jobs_api import add_job_routes
-from control.management import create_management_app
-from control.metrics import MetricsRecorder
-from control.metrics_api import CountResponses, create_metrics_app
-from control.redis_io import Clients, connect, redis_client
-from control.service import ManagementService
-from control.settings import SETTINGS_ENV, Settings, settings_from_env
-from workers.celery_app import make_celery
+from control.archives.store import model_store
+from control.core.celery_app import make_celery
+from control.core.dispatch import Dispatcher
+from control.core.redis_io import Clients, connect, redis_client
+from control.core.settings import SETTINGS_ENV, Settings, settings_from_env
+from control.http.auth import KeyStore, TokenAuth
+from control.http.common import RequestSizeLimit, WSGIApp, close_on_error
+from control.inference.api import create_inference_app
+from control.inference.health import healthy
+from control.jobs.api import add_job_routes
+from control.jobs.store import JobStore
+from control.management.api import create_management_app
+from control.management.service import ManagementService
+from control.metrics.api import CountResponses, create_metrics_app
+from control.metrics.recorder import MetricsRecorder
 
 __all__ = [
     "SETTINGS_ENV",

@@ -1,5 +1,6 @@
 """mqserve's model workers and the per-host supervisor that reconciles them.
 
-``reconcile`` decides (a pure function), ``supervisor`` applies the decisions to real
-processes, and each worker process loads one model version and consumes its queue.
+``supervisor`` decides (``plan``, a pure function) and applies the decisions to real
+processes; each ``worker`` process loads one model version with TorchServe's handler
+contract (``handling``, ``compat``) and serves its queues. See docs/architecture.md.
 """

@@ -49,7 +49,7 @@ CLIENT_TIMEOUT = 30.0
 CONVERGE_S = 60.0
 #: Requests that must be answered after convergence ("a few seconds" of load).
 TAIL_REQUESTS = 60
-#: The API runs this many gunicorn workers per port (control.settings.api_processes).
+#: The API runs this many gunicorn workers per port (control.core.settings.api_processes).
 API_PROCESSES = 2
 #: The external Redis stays down until this many requests have been refused (503).
 OUTAGE_FAILURES = 40

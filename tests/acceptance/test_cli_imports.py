@@ -87,7 +87,7 @@ def test_python_m_control_cli_help_imports_none_of_them() -> None:
     assert imported.isdisjoint({"celery", "kombu", "falcon", "gunicorn", "torch"}), imported
 
 
-@pytest.mark.parametrize("module", ["workers.process", "workers.main"])
+@pytest.mark.parametrize("module", ["workers.worker.process", "workers.supervisor.run"])
 def test_model_workers_and_the_supervisor_load_no_http_framework(module: str) -> None:
     modules = loaded(f"import {module}")
     assert "workers" in modules
@@ -98,7 +98,7 @@ def test_model_workers_and_the_supervisor_load_no_http_framework(module: str) ->
 def test_batch_client_and_client_import_without_torch() -> None:
     modules = loaded(
         """
-        import control.batch_client, control.client
+        import control.jobs.client, control.management.client
         from control import cli
         """,
         without_torch=True,
@@ -114,7 +114,7 @@ def test_the_api_apps_build_without_torch() -> None:
     modules = loaded(
         """
         from control import server
-        from control.settings import Settings
+        from control.core.settings import Settings
 
         settings = Settings(redis_url="redis://127.0.0.1:9/0", disable_token_authorization=True)
         for build in (server.build_management, server.build_inference):

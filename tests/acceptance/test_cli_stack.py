@@ -17,7 +17,7 @@ import psutil
 import pytest
 import redis
 
-from control import keys
+from control.core import keys
 from tests.support.stack import (
     STOP_GRACE,
     Server,

@@ -11,8 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from control import gpu_check
-from control.gpu_check import CPU_MODEL, EXIT_NO_GPU, EXIT_OK, GPU_MODEL, Options
+from control.stack import gpu_check
+from control.stack.gpu_check import CPU_MODEL, EXIT_NO_GPU, EXIT_OK, GPU_MODEL, Options
 
 ROOT = Path(__file__).resolve().parents[2]
 

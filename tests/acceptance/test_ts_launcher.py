@@ -112,7 +112,7 @@ def stack() -> Iterator[Stack]:
 def describe(stack: Stack, model: str) -> Any:
     script = f"""
         import json
-        from control.client import ManagementClient
+        from control.management.client import ManagementClient
         print(json.dumps(ManagementClient().describe({model!r}).json()))
     """
     result = run_script(script, stack.env)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from control.settings import Settings
+from control.core.settings import Settings
 from tests.support import chaos
 from tests.support.processes import redis_server
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control.client import ManagementClient
-from control.settings import Settings, apply_properties, read_properties
+from control.core.settings import Settings, apply_properties, read_properties
+from control.management.client import ManagementClient
 from tests.support.processes import api_process, supervisor_process, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_metrics"

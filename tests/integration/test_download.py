@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from control.archive import Limits, ModelStore
-from control.errors import DownloadArchiveException
+from control.archives.store import Limits, ModelStore
+from control.core.errors import DownloadArchiveException
 from tests.support.archives import build_mar
 
 

@@ -14,8 +14,8 @@ from urllib.parse import quote_from_bytes, urlsplit
 
 import pytest
 
-from control.client import ManagementClient
-from control.settings import Settings
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.support.archives import build_mar
 from tests.support.processes import api_process, supervisor_process
 

@@ -1,7 +1,7 @@
 """GPU placement with real supervisors and real workers, on a machine without GPUs.
 
 The supervisor is told its GPUs through ``CUDA_VISIBLE_DEVICES`` (what
-``control.devices.visible_gpus`` honours), and a fake ``nvidia-smi`` on its ``PATH``
+``control.core.devices.visible_gpus`` honours), and a fake ``nvidia-smi`` on its ``PATH``
 answers the usage query. Each worker runs a ``BaseHandler`` subclass that writes down
 what it was given (its ``CUDA_VISIBLE_DEVICES``, ``system_properties["gpu_id"]``, the
 device ``BaseHandler`` chose and where the model's parameters are); the test matches
@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from control.client import ManagementClient
-from control.settings import Settings
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.support.archives import manifest
 from tests.support.handlers import HANDLERS
 from tests.support.processes import management_process, supervisor_process, wait_for

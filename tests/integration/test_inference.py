@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from control import keys, observed
-from control.client import ManagementClient
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.support.archives import build_mar
 from tests.support.processes import api_process, supervisor_process, wait_for
 
@@ -317,8 +317,8 @@ def test_request_past_deadline_is_not_run(stack: dict[str, Any], real_redis: red
     wait_for(lambda: predict(base, {"x": 1})[0] == 200, 60, "serving again")
     # A request older than clientTimeoutInMills when taken is not run: it is answered 408.
     spec_deadline = time.time() - 1
-    from control.envelope import Reply, Request
-    from workers.serving import EXPIRED
+    from control.core.envelope import Reply, Request
+    from workers.worker.serving import EXPIRED
 
     stale = Request(
         id="stale",

@@ -1,6 +1,6 @@
 """Batch jobs end to end: real Redis, a real supervisor and real worker processes.
 
-Jobs go in through :class:`control.batch_client.BatchClient` (straight onto the model's
+Jobs go in through :class:`control.jobs.client.BatchClient` (straight onto the model's
 Celery queue) or through the REST resources under gunicorn, which are restarted in the
 middle of a job to show that a job lives in Redis only.
 """
@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import redis
 
-from control import keys, observed
-from control.batch_client import BatchClient
-from control.client import ManagementClient
-from control.dispatch import Dispatcher
-from control.envelope import Part
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.dispatch import Dispatcher
+from control.core.envelope import Part
+from control.core.settings import Settings
+from control.jobs.client import BatchClient
+from control.management.client import ManagementClient
 from tests.support.archives import build_mar
 from tests.support.processes import (
     free_port,

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from control import observed
-from control.client import ManagementClient
-from control.settings import Settings
+from control.core import observed
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.support.archives import build_mar
 from tests.support.processes import management_process, supervisor_process, wait_for
 

@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from control.client import ManagementClient, register_model, register_model_with_params
-from control.settings import Settings
+from control.core.settings import Settings
+from control.management.client import ManagementClient, register_model, register_model_with_params
 from tests.support.archives import build_mar
 from tests.support.fakes import FakeFleet
 from tests.support.processes import management_process

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import redis
 
-from control import keys, observed
-from control.client import ManagementClient
-from control.observed import WorkerState
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.observed import WorkerState
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.integration.test_inference import NO_WORKER, call
 from tests.support.archives import build_mar
 from tests.support.processes import api_process, supervisor_process, wait_for

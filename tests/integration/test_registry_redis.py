@@ -10,11 +10,11 @@ from urllib.parse import urlencode, urlsplit
 
 import redis
 
-from control import keys
-from control.errors import ConflictStatusException
-from control.registry import Registry
-from control.settings import Settings
-from control.spec import ModelSpec
+from control.core import keys
+from control.core.errors import ConflictStatusException
+from control.core.registry import Registry
+from control.core.settings import Settings
+from control.core.spec import ModelSpec
 from tests.support.archives import build_mar
 from tests.support.processes import management_process
 

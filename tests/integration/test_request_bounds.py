@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from control.settings import Settings
+from control.core.settings import Settings
 from tests.support.archives import build_mar, manifest
 from tests.support.processes import api_process
 

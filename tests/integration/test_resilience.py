@@ -20,10 +20,11 @@ import psutil
 import pytest
 import redis
 
-from control import keys, observed
-from control.client import ManagementClient
-from control.envelope import Reply, pack
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.celery_app import make_celery
+from control.core.envelope import Reply, pack
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.support.archives import build_mar
 from tests.support.processes import (
     RestartableRedis,
@@ -32,8 +33,7 @@ from tests.support.processes import (
     supervisor_process,
     wait_for,
 )
-from workers.celery_app import make_celery
-from workers.tasks import PREDICT_TASK
+from workers.worker.tasks import PREDICT_TASK
 
 #: How long Redis stays down: longer than a worker record's TTL (3 s) would be
 #: needed to expire records, so 3 s also proves the supervisor's grace after an outage.

@@ -16,9 +16,10 @@ from typing import Any
 import psutil
 import redis
 
-from control import keys, observed
-from control.client import ManagementClient
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.celery_app import make_celery
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.support.archives import build_mar
 from tests.support.processes import (
     management_process,
@@ -26,8 +27,7 @@ from tests.support.processes import (
     supervisor_process,
     wait_for,
 )
-from workers.celery_app import make_celery
-from workers.tasks import PREDICT_TASK
+from workers.worker.tasks import PREDICT_TASK
 
 HOST = "h1"
 ECHO = """

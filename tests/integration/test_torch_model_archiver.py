@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from control.archive import ModelStore
-from control.spec import ModelSpec
+from control.archives.store import ModelStore
+from control.core.spec import ModelSpec
 from tests.support.handlers import HANDLERS, isolated_imports, make_request
 from workers.handling import load_handler
 

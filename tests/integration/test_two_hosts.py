@@ -38,9 +38,9 @@ import psutil
 import pytest
 import redis
 
-from control import keys, observed
-from control.client import ManagementClient
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.support import chaos
 from tests.support.archives import build_mar
 from tests.support.processes import api_process, free_port, wait_for

@@ -20,14 +20,14 @@ import psutil
 import pytest
 import redis
 
-from control import keys, observed
-from control.client import ManagementClient
-from control.home import Home
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.celery_app import make_celery
+from control.core.home import Home
+from control.core.settings import Settings
+from control.management.client import ManagementClient
 from tests.support.archives import build_mar
 from tests.support.processes import management_process, supervisor_process, wait_for
-from workers.celery_app import make_celery
-from workers.tasks import PREDICT_TASK
+from workers.worker.tasks import PREDICT_TASK
 
 FAILING = """
 def handle(data, context):

@@ -19,10 +19,10 @@ from contextlib import contextmanager
 
 import redis
 
-from control import keys, observed
-from control.observed import WorkerRecord, WorkerState
-from control.registry import Registry
-from control.spec import ModelSpec
+from control.core import keys, observed
+from control.core.observed import WorkerRecord, WorkerState
+from control.core.registry import Registry
+from control.core.spec import ModelSpec
 
 #: Records written by the fake live long: the fake has no heartbeat thread.
 _TTL = 3600.0
@@ -93,7 +93,7 @@ class FakeFleet:
 
 
 class FakeProcess:
-    """A worker process as the supervisor sees it (``workers.launch.WorkerProcess``).
+    """A worker process as the supervisor sees it (``workers.supervisor.spawn.WorkerProcess``).
 
     It runs until it is signalled or told to :meth:`exit`. SIGTERM makes it drain and
     exit 0 at once, unless ``ignores_sigterm`` (a handler stuck in a call); SIGKILL

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import redis
 
-from control import keys
-from control.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS
-from control.home import Home, alive
-from control.settings import Settings
+from control.core import keys
+from control.core.home import Home, alive
+from control.core.settings import Settings
+from control.http.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS
 
 
 def free_port() -> int:

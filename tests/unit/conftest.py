@@ -10,11 +10,11 @@ import fakeredis
 import pytest
 from falcon import testing
 
-from control.archive import ModelStore
-from control.auth import KeyStore
-from control.management import create_management_app
-from control.service import ManagementService
-from control.settings import Settings
+from control.archives.store import ModelStore
+from control.core.settings import Settings
+from control.http.auth import KeyStore
+from control.management.api import create_management_app
+from control.management.service import ManagementService
 from tests.support.archives import build_mar
 from tests.support.fakes import FakeFleet
 

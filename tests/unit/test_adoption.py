@@ -1,5 +1,6 @@
 """Workers outlive their supervisor: adoption by a successor, and the lease rule that
-makes an orphan drain itself (``workers.launch.adopt_leftovers``, ``workers.heartbeat``)."""
+makes an orphan drain itself (``workers.supervisor.spawn.adopt_leftovers``,
+``workers.worker.heartbeat``)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ from typing import Any
 import fakeredis
 import pytest
 
-from control import keys, observed
-from control.envelope import Reply, Request
-from control.observed import WorkerRecord, WorkerState
-from control.registry import Registry
-from control.settings import Settings
-from control.spec import ModelSpec
-from workers import launch
-from workers.heartbeat import LeaseWatch, Reporter
-from workers.launch import Leftover, ModelFiles, adopt_leftovers
-from workers.reconcile import EXIT_UNKNOWN, Fail, Forget
-from workers.supervisor import Supervisor
+from control.core import keys, observed
+from control.core.envelope import Reply, Request
+from control.core.observed import WorkerRecord, WorkerState
+from control.core.registry import Registry
+from control.core.settings import Settings
+from control.core.spec import ModelSpec
+from workers.model_files import ModelFiles
+from workers.supervisor import spawn as launch
+from workers.supervisor.loop import Supervisor
+from workers.supervisor.plan import EXIT_UNKNOWN, Fail, Forget
+from workers.supervisor.spawn import Leftover, adopt_leftovers
+from workers.worker.heartbeat import LeaseWatch, Reporter
 
 # -- the lease rule --------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from control.archive import ArchiveInfo, Limits, ModelStore
-from control.errors import (
+from control.archives.store import ArchiveInfo, Limits, ModelStore
+from control.core.errors import (
     DownloadArchiveException,
     InternalServerException,
     InvalidModelException,

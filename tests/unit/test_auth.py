@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from falcon import testing
 
-from control import keys
-from control.auth import KeyStore, digest
-from control.settings import Settings
+from control.core import keys
+from control.core.settings import Settings
+from control.http.auth import KeyStore, digest
 
 AUTHZ = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 AUTHN = "Token Authentication failed. Token either incorrect, expired, or not provided correctly"
@@ -162,7 +162,7 @@ def test_verify_uses_constant_time_compare(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("control.auth.hmac.compare_digest", spy)
+    monkeypatch.setattr("control.http.auth.hmac.compare_digest", spy)
     assert keystore.verify("management", plain["management"])
     assert not keystore.verify("management", "x" * 32)
     assert len(calls) == 2

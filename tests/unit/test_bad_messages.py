@@ -21,20 +21,20 @@ import fakeredis
 import pytest
 from celery import Celery
 
-from control import keys
-from control.envelope import FrameError, Part, Reply, Request, pack, readable_id
-from control.jobs import BATCH_TASK
-from workers import broker
+from control.core import keys
+from control.core.envelope import FrameError, Part, Reply, Request, pack, readable_id
+from control.jobs.store import BATCH_TASK
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest, Parameter
-from workers.messages import (
+from workers.worker import broker
+from workers.worker.messages import (
     MessageError,
     parse_request,
     reply_message,
     to_inference_request,
     to_reply,
 )
-from workers.serving import LOOP_FAILED, ModelRunner, OnlineLoop, answer_all
-from workers.tasks import PREDICT_TASK, chunk_problem, predict, register_tasks
+from workers.worker.serving import LOOP_FAILED, ModelRunner, OnlineLoop, answer_all
+from workers.worker.tasks import PREDICT_TASK, chunk_problem, predict, register_tasks
 
 INFLIGHT = "mqs:o:inflight:9000"
 GOOD = Request(
@@ -320,7 +320,7 @@ def test_a_bad_predict_message_is_answered_400(message: Any) -> None:
 
 
 def test_a_good_predict_message_is_read_as_documented() -> None:
-    # The shape workers.messages documents: text or base64 values, lowercased headers.
+    # The shape workers.worker.messages documents: text or base64 values, lowercased headers.
     message = {
         "id": "r", "headers": {"X-Trace": "t"},
         "params": [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from workers.serving import Batcher
+from workers.worker.serving import Batcher
 
 QUEUE, INFLIGHT = "q", "inflight"
 
@@ -68,7 +68,7 @@ def test_empty_queue_returns_nothing(client: fakeredis.FakeRedis) -> None:
 def test_block_slack_follows_the_server_timer() -> None:
     import redis
 
-    from workers.serving import BLOCK_SLACK, block_slack
+    from workers.worker.serving import BLOCK_SLACK, block_slack
 
     class Server:
         def __init__(self, reply: dict[str, str] | None) -> None:

@@ -318,7 +318,7 @@ def test_mqserve_tree_roles() -> None:
         _proc(106, 105, "python", gunicorn.replace("inference", "management"), 44),
         _proc(107, 100, "python", supervisor, 60),
         _proc(108, 107, "python", supervisor, 80),  # forked worker: supervisor's cmdline
-        _proc(109, 107, "python", f"{py} -m workers.process --wid w2 --model m", 120),
+        _proc(109, 107, "python", f"{py} -m workers.worker.process --wid w2 --model m", 120),
     ]
     roles = memory.classify(tree, 100)
     assert roles == {
@@ -646,7 +646,7 @@ def test_report_has_memory_table_total_and_idle_worker() -> None:
         memory.RoleMemory("supervisor", 1, 47.3, 30.9),
         memory.RoleMemory("worker", 2, 111.1, 84.0),
     )
-    idle = _proc(108, 107, "python", "python -m workers.process", 55.0)
+    idle = _proc(108, 107, "python", "python -m workers.worker.process", 55.0)
     results = Results([point], [MemoryReport("noop", 2, 1, roles, idle)])
     lines = format_report(results, plan, "http://127.0.0.1:8080").splitlines()
     assert "wrk -t1, 5 s per point, max_batch_delay 5 ms" in lines[0]

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from control import cli, launcher
-from control.settings import DEFAULT_MAX_REQUEST_SIZE, Settings
+from control import cli
+from control.core.settings import DEFAULT_MAX_REQUEST_SIZE, Settings
+from control.stack import launcher
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""``control.client``: finding the management API and its key, and the shared transport."""
+"""``control.management.client``: finding the management API and its key, and the
+shared transport."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import requests
 
-from control import cli, client
-from control.client import Endpoint, ManagementClient, find_management
+from control import cli
+from control.management import client
+from control.management.client import Endpoint, ManagementClient, find_management
 from tests.support.json_server import json_server
 
 ENV = (client.MANAGEMENT_URL_ENV, client.TOKEN_ENV, client.HOME_ENV, "HTTP_PROXY", "NETRC")

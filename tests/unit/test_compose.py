@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from control.settings import Settings, apply_properties, read_properties
-from workers.main import SHUTDOWN_TIMEOUT
+from control.core.settings import Settings, apply_properties, read_properties
+from workers.supervisor.run import SHUTDOWN_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from control.devices import default_startup_workers, device_token, visible_gpus
+from control.core.devices import default_startup_workers, device_token, visible_gpus
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,7 @@ def test_cuda_visible_devices_is_the_authority(declared: str, expected: tuple[in
 
 
 def test_no_nvidia_smi_means_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("control.devices.shutil.which", lambda name: None)
+    monkeypatch.setattr("control.core.devices.shutil.which", lambda name: None)
     assert visible_gpus({}) == ()
 
 

@@ -10,13 +10,13 @@ from collections.abc import Callable, Iterator
 import fakeredis
 import pytest
 
-from control import keys, observed, redis_io
-from control.dispatch import Dispatcher, NoWorker, QueueFull
-from control.envelope import Part, Reply, Request
-from control.errors import InternalServerException, ModelNotFoundException
-from control.observed import SERVING, WorkerRecord, WorkerState
-from control.registry import Registry
-from control.spec import ModelSpec
+from control.core import keys, observed, redis_io
+from control.core.dispatch import Dispatcher, NoWorker, QueueFull
+from control.core.envelope import Part, Reply, Request
+from control.core.errors import InternalServerException, ModelNotFoundException
+from control.core.observed import SERVING, WorkerRecord, WorkerState
+from control.core.registry import Registry
+from control.core.spec import ModelSpec
 
 
 def spec(version: str = "1.0", **fields: object) -> ModelSpec:

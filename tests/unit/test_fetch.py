@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from control import download
-from control.archive import ModelStore
-from control.download import (
+from control.archives import download
+from control.archives.download import (
     DownloadError,
     fetch_url,
     has_relative_path,
@@ -16,7 +15,8 @@ from control.download import (
     matches_allowed,
     resolve_public,
 )
-from control.errors import DownloadArchiveException
+from control.archives.store import ModelStore
+from control.core.errors import DownloadArchiveException
 from tests.support.archives import build_mar
 
 

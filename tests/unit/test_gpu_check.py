@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from control import gpu_check
-from control.gpu_check import (
+from control.stack import gpu_check
+from control.stack.gpu_check import (
     CPU_MODEL,
     EXIT_FAILED,
     EXIT_NO_GPU,

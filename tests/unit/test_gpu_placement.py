@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from falcon import testing
 
-from control import keys, observed
-from control.observed import GPU_USAGE_FIELD, WorkerRecord, WorkerState
-from control.registry import Registry
+from control.core import keys, observed
+from control.core.observed import GPU_USAGE_FIELD, WorkerRecord, WorkerState
+from control.core.registry import Registry
 from tests.support.archives import build_mar
-from workers.reconcile import Observed, Process, Start, Target, plan
+from workers.supervisor.plan import Observed, Process, Start, Target, plan
 
 NOW = 1000.0
 T = Target("m", "1.0", min_workers=3, max_workers=3)

@@ -10,8 +10,8 @@ from typing import Any
 import fakeredis
 import pytest
 
-from control import keys, observed
-from control.devices import (
+from control.core import keys, observed
+from control.core.devices import (
     USAGE_UNAVAILABLE,
     GpuSampler,
     GpuUsage,
@@ -23,10 +23,10 @@ from control.devices import (
     start_query,
     usage_text,
 )
-from control.registry import Registry
-from control.settings import Settings
-from control.spec import ModelSpec
-from workers.supervisor import Supervisor
+from control.core.registry import Registry
+from control.core.settings import Settings
+from control.core.spec import ModelSpec
+from workers.supervisor.loop import Supervisor
 
 #: ``nvidia-smi --query-gpu=index,utilization.gpu,utilization.memory,memory.used
 #: --format=csv,noheader,nounits`` on a two-GPU host, as it prints it.
@@ -88,7 +88,7 @@ def test_java_number_format(value: float, text: str) -> None:
 
 
 def test_no_nvidia_smi_no_query(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("control.devices.shutil.which", lambda name: None)
+    monkeypatch.setattr("control.core.devices.shutil.which", lambda name: None)
     assert start_query() is None
 
 
@@ -99,8 +99,8 @@ def test_query_runs_the_documented_command(monkeypatch: pytest.MonkeyPatch) -> N
         seen.append((argv, kwargs))
         return FakeQuery(TWO_GPUS)
 
-    monkeypatch.setattr("control.devices.shutil.which", lambda name: "/usr/bin/nvidia-smi")
-    monkeypatch.setattr("control.devices.subprocess.Popen", popen)
+    monkeypatch.setattr("control.core.devices.shutil.which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr("control.core.devices.subprocess.Popen", popen)
     assert isinstance(start_query(), FakeQuery)
     ((argv, kwargs),) = seen
     assert argv == [

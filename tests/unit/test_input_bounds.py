@@ -14,12 +14,12 @@ import pytest
 from falcon import testing
 from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
 
-from control.archive import Limits, ModelStore
-from control.errors import DownloadArchiveException, InvalidModelException
-from control.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS, error_message, error_response
-from control.params import Params
-from control.settings import Settings, SettingsError, apply_properties
-from control.unpack import invalid
+from control.archives.store import Limits, ModelStore
+from control.archives.unpack import invalid
+from control.core.errors import DownloadArchiveException, InvalidModelException
+from control.core.settings import Settings, SettingsError, apply_properties
+from control.http.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS, error_message, error_response
+from control.http.params import Params
 from tests.support.archives import build_mar, manifest
 from tests.unit.test_management_api import assert_error, registry_snapshot
 

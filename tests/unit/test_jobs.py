@@ -1,7 +1,8 @@
-"""Batch jobs over fakeredis: the store (``control.jobs``) and chunk runs (``workers.jobs``).
+"""Batch jobs over fakeredis: the store (``control.jobs.store``) and chunk runs
+(``workers.worker.batch``).
 
 A fake Celery app records the chunks the store queues; :func:`drain` plays the workers
-by running each recorded chunk through :func:`workers.jobs.run_chunk` in order.
+by running each recorded chunk through :func:`workers.worker.batch.run_chunk` in order.
 """
 
 from __future__ import annotations
@@ -13,24 +14,24 @@ import fakeredis
 import orjson
 import pytest
 
-from control import keys
-from control.errors import (
+from control.core import keys
+from control.core.celery_app import make_celery
+from control.core.errors import (
     BadRequestException,
     JobNotFoundException,
     ModelNotFoundException,
     ModelVersionNotFoundException,
     ServiceUnavailableException,
 )
-from control.jobs import BATCH_TASK, DEFAULT_TTL_S, JobStore, chunk_size, chunks
-from control.registry import Registry
-from control.settings import Settings
-from control.spec import ModelSpec
-from control.timestamps import iso_time
-from workers import jobs as worker_jobs
-from workers.celery_app import make_celery
+from control.core.registry import Registry
+from control.core.settings import Settings
+from control.core.spec import ModelSpec
+from control.core.timestamps import iso_time
+from control.jobs.store import BATCH_TASK, DEFAULT_TTL_S, JobStore, chunk_size, chunks
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest
-from workers.jobs import run_chunk
-from workers.tasks import register_tasks
+from workers.worker import batch as worker_jobs
+from workers.worker.batch import run_chunk
+from workers.worker.tasks import register_tasks
 
 NOW = 1_800_000_000.0
 

@@ -1,4 +1,4 @@
-"""The batch-job REST resources (``control.jobs_api``) through Falcon's TestClient."""
+"""The batch-job REST resources (``control.jobs.api``) through Falcon's TestClient."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import orjson
 import pytest
 from falcon import testing
 
-from control.http import new_app, read_body
-from control.jobs import JobStore
-from control.jobs_api import add_job_routes
+from control.http.common import new_app, read_body
+from control.jobs.api import add_job_routes
+from control.jobs.store import JobStore
 from tests.unit.test_jobs import FakeCelery, FakeModel, drain, make_store
 
 LIMIT = 4096

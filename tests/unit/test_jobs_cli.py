@@ -1,4 +1,4 @@
-"""``mqserve batch`` and :class:`control.batch_client.BatchClient` over fakeredis.
+"""``mqserve batch`` and :class:`control.jobs.client.BatchClient` over fakeredis.
 
 The Celery app is replaced by one that runs each chunk as it is queued (or never, to
 exercise timeouts), so the command's whole flow runs in-process.
@@ -16,13 +16,13 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from control import batch_client
-from control.batch_client import BatchClient
 from control.cli import cli
-from control.home import Home
-from control.settings import Settings
+from control.core.home import Home
+from control.core.settings import Settings
+from control.jobs import client as batch_client
+from control.jobs.client import BatchClient
 from tests.unit.test_jobs import FakeModel, make_store
-from workers.jobs import run_chunk
+from workers.worker.batch import run_chunk
 
 
 class EagerCelery:

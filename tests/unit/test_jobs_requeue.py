@@ -1,7 +1,8 @@
 """Batch jobs survive worker death, over fakeredis: the held marker a worker keeps while it
-runs a chunk (``workers.tasks``) and the supervisor's requeue of it (``workers.jobs``).
+runs a chunk (``workers.worker.tasks``) and the supervisor's requeue of it
+(``workers.worker.batch``).
 
-The sender handed to :func:`requeue_held` is ``control.jobs.send_chunk`` on a fake Celery
+The sender handed to :func:`requeue_held` is ``control.jobs.store.send_chunk`` on a fake Celery
 app, the production path minus the broker, so the messages it records are exactly what
 a submission sends.
 """
@@ -16,14 +17,14 @@ import fakeredis
 import orjson
 import pytest
 
-from control import keys
-from control.jobs import BATCH_TASK, JobStore, send_chunk
-from control.settings import Settings
+from control.core import keys
+from control.core.celery_app import make_celery
+from control.core.settings import Settings
+from control.jobs.store import BATCH_TASK, JobStore, send_chunk
 from tests.unit.test_jobs import FakeCelery, FakeModel, inputs, make_store
-from workers import jobs as worker_jobs
-from workers import tasks as worker_tasks
-from workers.celery_app import make_celery
-from workers.jobs import (
+from workers.worker import batch as worker_jobs
+from workers.worker import tasks as worker_tasks
+from workers.worker.batch import (
     MAX_REQUEUES,
     MIN_HELD_TTL_S,
     chunk_sender,
@@ -32,7 +33,7 @@ from workers.jobs import (
     requeue_held,
     run_chunk,
 )
-from workers.tasks import register_tasks
+from workers.worker.tasks import register_tasks
 
 WID = "9001"
 QUEUE = keys.batch_queue("echo", "1.0")
@@ -188,7 +189,7 @@ def test_an_unreadable_marker_is_dropped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     redis_client.set(keys.held(WID), marker)
-    with caplog.at_level(logging.ERROR, logger="workers.jobs"):
+    with caplog.at_level(logging.ERROR, logger="workers.worker.batch"):
         assert requeue_held(redis_client, WID, sender(celery)) == 0
     assert celery.sent == []
     assert redis_client.get(keys.held(WID)) is None
@@ -207,7 +208,7 @@ def test_a_send_that_fails_is_logged_not_raised(
     def broken(job: str, queue: str, start: int, end: int) -> None:
         raise ConnectionError("broker went away")
 
-    with caplog.at_level(logging.WARNING, logger="workers.jobs"):
+    with caplog.at_level(logging.WARNING, logger="workers.worker.batch"):
         assert requeue_held(redis_client, WID, broken) == 0
     assert "broker went away" in caplog.text and "visibility timeout" in caplog.text
     assert redis_client.get(keys.held(WID)) is None
@@ -222,7 +223,7 @@ def test_the_chunk_sender_builds_one_celery_app_on_first_use(
         built.append(FakeCelery())
         return built[-1]
 
-    monkeypatch.setattr("workers.celery_app.make_celery", fake_make_celery)
+    monkeypatch.setattr("control.core.celery_app.make_celery", fake_make_celery)
     monkeypatch.setattr(worker_jobs, "_apps", {})
     settings = Settings(redis_url="redis://127.0.0.1:1/0")
     send = chunk_sender(settings)

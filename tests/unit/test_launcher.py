@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from control.home import Home, live_pid, write_pid, write_private
-from control.launcher import expand_load_models
-from control.stack import LaunchError, ensure_free, redis_child
+from control.core.home import Home, live_pid, write_pid, write_private
+from control.stack.children import LaunchError, ensure_free, redis_child
+from control.stack.launcher import expand_load_models
 
 
 def test_all_expands_to_archives_and_directories_sorted(tmp_path: Path) -> None:

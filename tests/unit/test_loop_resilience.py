@@ -12,14 +12,14 @@ import fakeredis
 import pytest
 import redis
 
-from control import keys, observed
-from control.observed import WorkerRecord, WorkerState
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.observed import WorkerRecord, WorkerState
+from control.core.settings import Settings
 from workers import outage as outage_module
-from workers import supervisor as supervisor_module
-from workers.heartbeat import Reporter
 from workers.outage import Outage, until_available
-from workers.supervisor import Supervisor
+from workers.supervisor import loop as supervisor_module
+from workers.supervisor.loop import Supervisor
+from workers.worker.heartbeat import Reporter
 
 log = logging.getLogger("test.outage")
 

@@ -12,9 +12,9 @@ import pytest
 from falcon import testing
 from openapi_spec_validator import validate
 
-from control import keys, observed
-from control.observed import WorkerRecord, WorkerState
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.observed import WorkerRecord, WorkerState
+from control.core.settings import Settings
 from tests.support.archives import build_mar
 from tests.support.fakes import FakeFleet
 

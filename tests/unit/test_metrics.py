@@ -13,12 +13,12 @@ import fakeredis
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control import keys, observed
-from control.metrics import Flusher, MetricsRecorder, render
-from control.metrics_schema import FAMILIES, format_value, series_field
-from control.observed import WorkerRecord, WorkerState
-from control.registry import Registry
-from control.spec import ModelSpec
+from control.core import keys, observed
+from control.core.metrics_schema import FAMILIES, format_value, series_field
+from control.core.observed import WorkerRecord, WorkerState
+from control.core.registry import Registry
+from control.core.spec import ModelSpec
+from control.metrics.recorder import Flusher, MetricsRecorder, render
 
 HOST = "myhost"
 #: The regex TorchServe's postman inference suite asserts on the page.
@@ -140,7 +140,7 @@ def test_flush_failure_keeps_deltas(
     recorder.request(200)
     recorder.gauge("QueueTime", 1.0, {"Level": "Host"})
     server.connected = False
-    with caplog.at_level(logging.DEBUG, logger="control.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="control.metrics.recorder"):
         assert not recorder.flush(client)
         recorder.request(200)  # recorded during the outage
         recorder.gauge("QueueTime", 2.0, {"Level": "Host"})  # newer than the kept value
@@ -487,8 +487,8 @@ def test_flusher_is_a_daemon_registered_at_exit(
 ) -> None:
     registered: list[Any] = []
     unregistered: list[Any] = []
-    monkeypatch.setattr("control.metrics.atexit.register", registered.append)
-    monkeypatch.setattr("control.metrics.atexit.unregister", unregistered.append)
+    monkeypatch.setattr("control.metrics.recorder.atexit.register", registered.append)
+    monkeypatch.setattr("control.metrics.recorder.atexit.unregister", unregistered.append)
     flusher = recorder.start_flusher(redis_client, interval=3600)
     assert isinstance(flusher, Flusher)
     assert [t for t in threading.enumerate() if t.name == "metrics-flusher" and t.daemon]

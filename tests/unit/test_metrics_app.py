@@ -13,11 +13,11 @@ import pytest
 from falcon import testing
 from openapi_spec_validator import validate
 
-from control import keys
-from control.http import REDIS_DOWN, new_app
-from control.metrics import CONTENT_TYPE, MetricsRecorder
-from control.metrics_api import CountResponses, create_metrics_app
-from control.openapi import load_description
+from control.core import keys
+from control.http.common import REDIS_DOWN, new_app
+from control.http.openapi import load_description
+from control.metrics.api import CountResponses, create_metrics_app
+from control.metrics.recorder import CONTENT_TYPE, MetricsRecorder
 
 NOT_FOUND = "Requested resource is not found, please refer to API document."
 NOT_ALLOWED = "Requested method is not allowed, please refer to API document."

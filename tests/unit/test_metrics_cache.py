@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control.metrics_schema import (
+from control.core.metrics_schema import (
     BY_NAME,
     DEFAULT_METRICS_CONFIG,
     Kind,

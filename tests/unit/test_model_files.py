@@ -1,5 +1,5 @@
 """Where workers unpack archives: per stack and host, private, shared per version, and
-deleted when the version's last worker on the host has exited (workers.launch)."""
+deleted when the version's last worker on the host has exited (workers.supervisor.spawn)."""
 
 from __future__ import annotations
 
@@ -16,20 +16,16 @@ from pathlib import Path
 import fakeredis
 import pytest
 
-from control import observed
-from control.archive import ModelStore
-from control.home import Home
-from control.registry import Registry, VersionRecord
-from control.settings import Settings
+from control.archives.store import ModelStore
+from control.core import observed
+from control.core.home import Home
+from control.core.registry import Registry, VersionRecord
+from control.core.settings import Settings
 from tests.support.archives import build_mar, build_tgz
 from tests.support.handlers import make_spec
-from workers.launch import (
-    ModelFiles,
-    adopt_leftovers,
-    host_component,
-    registration_tag,
-)
-from workers.supervisor import Supervisor
+from workers.model_files import ModelFiles, host_component, registration_tag
+from workers.supervisor.loop import Supervisor
+from workers.supervisor.spawn import adopt_leftovers
 
 
 @pytest.fixture(autouse=True)
@@ -319,7 +315,7 @@ class Fleet:
         self.supervisor = Supervisor(Settings(home=home), self.client, "h1", self.spawn)
 
     def spawn(self, wid: str, model: str, version: str, slot: int, gpu: int) -> FakeWorker:
-        # What workers.process.load does first: unpack (or reuse) the version's files.
+        # What workers.worker.process.load does first: unpack (or reuse) the version's files.
         tag = registration_tag(self.registry.get(model, version))
         self.files.unpack(model, version, tag, write_handler)
         self.workers[wid] = FakeWorker(10_000 + len(self.workers))

@@ -16,10 +16,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from control import keys
-from control.metrics import MetricsRecorder, ModelMetrics, render
-from control.metrics_schema import DEFAULT_BUCKETS, Kind, MetricsConfig, MetricSpec
-from control.settings import Settings, SettingsError, apply_properties
+from control.core import keys
+from control.core.metrics_schema import DEFAULT_BUCKETS, Kind, MetricsConfig, MetricSpec
+from control.core.settings import Settings, SettingsError, apply_properties
+from control.metrics.recorder import MetricsRecorder, ModelMetrics, render
 
 HOST = "myhost"
 CONFIG = MetricsConfig(
@@ -150,7 +150,7 @@ def test_undeclared_metrics_are_dropped_without_auto_detect(
     redis_client: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     exporter = worker(auto_detect=False)
-    with caplog.at_level(logging.WARNING, "control.metrics"):
+    with caplog.at_level(logging.WARNING, "control.metrics.recorder"):
         assert not exporter.record(Record("ModelSize", 5.6, "gauge", model_dims(), "kB"))
         assert not exporter.record(Record("ModelSize", 5.7, "gauge", model_dims(), "kB"))
     assert caplog.text.count("metric ModelSize dropped: not in the metrics config") == 1
@@ -229,7 +229,7 @@ def test_bad_records_are_logged_and_dropped(
     reason: str,
 ) -> None:
     exporter = worker(auto_detect=True)
-    with caplog.at_level(logging.WARNING, "control.metrics"):
+    with caplog.at_level(logging.WARNING, "control.metrics.recorder"):
         assert exporter.record(record) is False
     assert reason in caplog.text
     flush(exporter, client=redis_client)
@@ -240,7 +240,7 @@ def test_bad_records_are_logged_and_dropped(
 def test_a_broken_record_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     exporter = worker()
     broken = Record("InferenceRequestCount", 1, dimensions=None)  # type: ignore[arg-type]
-    with caplog.at_level(logging.ERROR, "control.metrics"):
+    with caplog.at_level(logging.ERROR, "control.metrics.recorder"):
         assert exporter.record(broken) is False
     assert "handler metric 'InferenceRequestCount' dropped" in caplog.text
 

@@ -14,12 +14,12 @@ from falcon import testing
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 
-from control.auth import KeyStore
-from control.errors import ModelNotFoundException
-from control.management import create_management_app, model_description
-from control.openapi import load_description
-from control.service import ManagementService
-from control.settings import Settings
+from control.core.errors import ModelNotFoundException
+from control.core.settings import Settings
+from control.http.auth import KeyStore
+from control.http.openapi import load_description
+from control.management.api import create_management_app, model_description
+from control.management.service import ManagementService
 from tests.support.archives import build_mar
 from tests.support.openapi import all_refs, error_types, operations, resolve, without_error_response
 
@@ -51,7 +51,7 @@ def operation_ids() -> list[str]:
 
 
 def test_file_parses_as_openapi_3_0_1() -> None:
-    text = resources.files("control.openapi").joinpath("management.json").read_text("utf-8")
+    text = resources.files("control.http.openapi").joinpath("management.json").read_text("utf-8")
     doc = json.loads(text)
     assert doc["openapi"] == "3.0.1"
     assert doc["info"]["title"] == "mqserve Management API"
@@ -195,7 +195,7 @@ def test_model_description_keeps_only_the_models_paths(description: dict[str, An
 
 
 class _EmptyStore:
-    """Stand-in model store (``control.archive`` may be absent): knows no archive."""
+    """Stand-in model store (``control.archives.store`` may be absent): knows no archive."""
 
     def resolve(self, url: str) -> Any:
         raise ModelNotFoundException(f"Model not found at: {url}")
@@ -206,7 +206,7 @@ class _EmptyStore:
 
 def _store(root: Path) -> Any:
     try:
-        from control.archive import ModelStore
+        from control.archives.store import ModelStore
     except ImportError:
         return _EmptyStore()
     return ModelStore(root, ())

@@ -18,20 +18,20 @@ from falcon import testing
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 
-from control import keys
-from control.auth import KeyStore, TokenAuth
-from control.dispatch import Dispatcher
-from control.http import RequestSizeLimit
-from control.inference import create_inference_app
-from control.openapi import load_description
-from control.registry import Registry
-from control.settings import Settings
-from control.spec import ModelSpec
+from control.core import keys
+from control.core.dispatch import Dispatcher
+from control.core.registry import Registry
+from control.core.settings import Settings
+from control.core.spec import ModelSpec
+from control.http.auth import KeyStore, TokenAuth
+from control.http.common import RequestSizeLimit
+from control.http.openapi import load_description
+from control.inference.api import create_inference_app
 from tests.support.openapi import all_refs, error_types, operations, resolve, without_error_response
 
 TEMPLATE_PARAMS = {"model_name", "model_version", "key", "job_id"}
 UNROUTED_TYPES = {404: "ResourceNotFoundException", 405: "MethodNotAllowedException"}
-HAS_JOBS = importlib.util.find_spec("control.jobs_api") is not None
+HAS_JOBS = importlib.util.find_spec("control.jobs.api") is not None
 JOB_PATHS = ("/jobs/",)
 #: The operations the task asks for, TorchServe's and the batch jobs'.
 EXPECTED_OPERATIONS = {
@@ -91,7 +91,7 @@ def error_messages(doc: dict[str, Any], response: dict[str, Any]) -> set[str]:
 
 
 def test_file_parses_as_openapi_3_0_1() -> None:
-    text = resources.files("control.openapi").joinpath("inference.json").read_text("utf-8")
+    text = resources.files("control.http.openapi").joinpath("inference.json").read_text("utf-8")
     doc = json.loads(text)
     assert doc["openapi"] == "3.0.1"
     assert doc["info"]["title"] == "mqserve Inference API"
@@ -258,8 +258,8 @@ class _Server:
         )
         self.job_id = "0" * 32  # no such job
         if HAS_JOBS:
-            from control.jobs import JobStore
-            from control.jobs_api import add_job_routes
+            from control.jobs.api import add_job_routes
+            from control.jobs.store import JobStore
 
             self.jobs = JobStore(self.text, _Celery())
             add_job_routes(self.app, self.jobs, self.settings.max_request_size)
@@ -332,7 +332,7 @@ def test_every_documented_operation_is_routed(
     method, path = operation.split(" ", 1)
     method = method.lower()
     if path.startswith(JOB_PATHS) and not HAS_JOBS:
-        pytest.skip("control.jobs_api is not there yet")
+        pytest.skip("control.jobs.api is not there yet")
     server = _Server(registered=registered)
     result = _request(server, description, path, method)
     body = result.json if result.status_code >= 400 else {}
@@ -432,7 +432,7 @@ def test_options_serve_the_description(description: dict[str, Any]) -> None:
     assert client.simulate_get("/").status_code == 404
 
 
-@pytest.mark.skipif(not HAS_JOBS, reason="control.jobs_api is not there yet")
+@pytest.mark.skipif(not HAS_JOBS, reason="control.jobs.api is not there yet")
 def test_job_lifecycle_as_described(description: dict[str, Any]) -> None:
     server = _Server(registered=True)
     client = server.client

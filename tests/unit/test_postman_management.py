@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from control.settings import Settings
+from control.core.settings import Settings
 from tests.support.archives import build_mar
 from tests.support.fakes import FakeFleet
 

@@ -1,5 +1,5 @@
 """One Redis client (connection pool) per process and role: each process builds its
-clients once, at its edge (``control.redis_io.connect``), and everything in it shares
+clients once, at its edge (``control.core.redis_io.connect``), and everything in it shares
 them: a decoding one for the registry, records and metrics, a bytes one for frames."""
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import fakeredis
 import pytest
 import redis
 
-from control import keys
-from control.envelope import Part, Reply, Request
-from control.metrics import Flusher, MetricsRecorder
-from control.observed import WorkerRecord, WorkerState
-from control.redis_io import SOCKET_TIMEOUT, Clients, connect
-from control.registry import Registry
+from control.core import keys
+from control.core.envelope import Part, Reply, Request
+from control.core.observed import WorkerRecord, WorkerState
+from control.core.redis_io import SOCKET_TIMEOUT, Clients, connect
+from control.core.registry import Registry
+from control.core.settings import SETTINGS_ENV, Settings
+from control.metrics.recorder import Flusher, MetricsRecorder
 from control.server import build_inference, build_management, metrics_app
-from control.settings import SETTINGS_ENV, Settings
 from tests.support.handlers import isolated_imports, make_model_dir, make_spec
 from workers.handling import load_handler
-from workers.heartbeat import Reporter
-from workers.process import parse_args, read_metrics_config, wire
+from workers.worker.heartbeat import Reporter
+from workers.worker.process import parse_args, read_metrics_config, wire
 
 URL = "redis://127.0.0.1:1/0"  # never reached: clients connect lazily
 

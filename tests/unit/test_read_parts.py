@@ -1,4 +1,4 @@
-"""``control.inference.read_parts``: what the handler receives from a request's fields.
+"""``control.inference.api.read_parts``: what the handler receives from a request's fields.
 
 Every value must be the exact bytes the client sent (TorchServe passes form fields as
 raw bytes); 0x80-0xFF must never turn into UTF-8 replacement characters.
@@ -12,8 +12,8 @@ import falcon
 import falcon.testing
 import pytest
 
-from control.envelope import Part
-from control.inference import read_parts
+from control.core.envelope import Part
+from control.inference.api import read_parts
 
 ALL_BYTES = bytes(range(256))
 LIMIT = 10_000

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from control.observed import WorkerState
-from workers.reconcile import (
+from control.core.observed import WorkerState
+from workers.supervisor.plan import (
     Action,
     Backoff,
     Fail,

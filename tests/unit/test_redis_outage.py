@@ -10,10 +10,10 @@ import pytest
 import redis
 from falcon import testing
 
-from control import dispatch
-from control.dispatch import _Outage
-from control.health import healthy
-from control.http import REDIS_DOWN, new_app
+from control.core import dispatch
+from control.core.dispatch import _Outage
+from control.http.common import REDIS_DOWN, new_app
+from control.inference.health import healthy
 
 
 class Down:

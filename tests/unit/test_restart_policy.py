@@ -9,11 +9,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from control import launcher
-from control.home import Home, write_pid, write_private
-from control.restart import RestartPolicy
-from control.settings import Settings
-from control.stack import Child, Running, Stack
+from control.core.home import Home, write_pid, write_private
+from control.core.settings import Settings
+from control.stack import launcher
+from control.stack.children import Child, Running, Stack
+from control.stack.restart import RestartPolicy
 
 
 class FakeClock:

@@ -14,11 +14,11 @@ import fakeredis
 import pytest
 import redis
 
-from control import keys
-from control.envelope import Part, Reply, Request
-from workers import serving
+from control.core import keys
+from control.core.envelope import Part, Reply, Request
 from workers.handling.types import InferenceReply, InferenceRequest
-from workers.serving import ModelRunner, OnlineLoop
+from workers.worker import serving
+from workers.worker.serving import ModelRunner, OnlineLoop
 
 INFLIGHT = "mqs:o:inflight:9000"
 REQUEST = Request(

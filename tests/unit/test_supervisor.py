@@ -12,14 +12,15 @@ from pathlib import Path
 import fakeredis
 import pytest
 
-from control import keys, observed
-from control.envelope import Reply, Request
-from control.observed import WorkerRecord, WorkerState
-from control.registry import Registry
-from control.settings import Settings
+from control.core import keys, observed
+from control.core.envelope import Reply, Request
+from control.core.observed import WorkerRecord, WorkerState
+from control.core.registry import Registry
+from control.core.settings import Settings
 from tests.support.fakes import FakeProcess
 from tests.support.handlers import make_spec
-from workers.reconcile import (
+from workers.supervisor.loop import LEASE_SECONDS, Supervisor
+from workers.supervisor.plan import (
     DRAIN_GRACE,
     Backoff,
     Fail,
@@ -29,7 +30,6 @@ from workers.reconcile import (
     Start,
     Stop,
 )
-from workers.supervisor import LEASE_SECONDS, Supervisor
 
 START = 1_000_000.0
 

@@ -1,4 +1,5 @@
-"""Archive member rules and safe extraction (ModelStore.resolve/extract, control.unpack)."""
+"""Archive member rules and safe extraction (ModelStore.resolve/extract,
+control.archives.unpack)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from control import unpack
-from control.archive import Limits, ModelStore
-from control.errors import InvalidModelException
+from control.archives import unpack
+from control.archives.store import Limits, ModelStore
+from control.core.errors import InvalidModelException
 
 MANIFEST = b'{"model": {"modelName": "m"}}'
 

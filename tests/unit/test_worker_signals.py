@@ -9,10 +9,10 @@ import fakeredis
 import pytest
 from celery import signals
 
-from control.observed import WorkerRecord, WorkerState
-from workers.heartbeat import Reporter
-from workers.process import _wire_signals
-from workers.serving import ModelRunner, OnlineLoop
+from control.core.observed import WorkerRecord, WorkerState
+from workers.worker.heartbeat import Reporter
+from workers.worker.process import _wire_signals
+from workers.worker.serving import ModelRunner, OnlineLoop
 
 
 class BlockingBatcher:

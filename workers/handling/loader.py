@@ -34,9 +34,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from control.metrics_schema import MetricsConfig
-from control.spec import ModelSpec
-from control.unpack import is_within
+from control.archives.unpack import is_within
+from control.core.metrics_schema import MetricsConfig
+from control.core.spec import ModelSpec
 from workers.handling.compat import install_compat_path
 from workers.handling.context import Context
 from workers.handling.metrics import MetricsRecorder

@@ -6,7 +6,7 @@ metrics.yaml's ``model_metrics`` are declared when the cache is made, and
 * ``get_metric(name, type)`` returns a declared metric and raises
   :class:`MetricsCacheKeyError` for one that nobody declared (whatever
   ``model_metrics_auto_detect`` says: that setting decides what the page shows, see
-  :class:`control.metrics.ModelMetrics`);
+  :class:`control.metrics.recorder.ModelMetrics`);
 * ``add_metric_to_cache`` declares (or redeclares) a metric and returns it;
 * ``add_metric``, ``add_counter``, ``add_time``, ``add_size``, ``add_percent`` update
   a metric, declaring it first when it is new, with the dimensions given plus
@@ -35,7 +35,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from control.metrics_schema import MetricsConfig, load_metrics_config
+from control.core.metrics_schema import MetricsConfig, load_metrics_config
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +400,6 @@ def default_config() -> MetricsConfig:
 def config_at(path: str | Path | None) -> MetricsConfig:
     """The configuration of the metrics.yaml at ``path`` (None: the default one).
 
-    Raises ``control.metrics_schema.MetricsConfigError``.
+    Raises ``control.core.metrics_schema.MetricsConfigError``.
     """
     return default_config() if path is None else load_metrics_config(Path(path))

@@ -5,20 +5,20 @@ request (``docs/torchserve-compat.md#request-to-handler-input``) and what it rea
 request (``docs/torchserve-compat.md#replies``).
 
 They are what a handler sees whichever path brought the request: an online frame
-(``control.envelope``) or a Celery ``mqserve.predict`` message; ``workers.messages``
+(``control.core.envelope``) or a Celery ``mqserve.predict`` message; ``workers.worker.messages``
 converts each wire format to and from them, once each way. Batch-job chunks build them
-from the job's stored items (``workers.jobs``).
+from the job's stored items (``workers.worker.batch``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from control.envelope import Part
+from control.core.envelope import Part
 
 #: One input of a request: a form field, a file part, or the whole body (``body``), with
 #: the part's or request's mime type as the client sent it ("" when none). The very type
-#: the online frames carry (``control.envelope.Part``), so that the HTTP layer, the
+#: the online frames carry (``control.core.envelope.Part``), so that the HTTP layer, the
 #: queues and the handler share one model of an input; the name is TorchServe's.
 Parameter = Part
 

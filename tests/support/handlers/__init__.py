@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from control.spec import ModelSpec
+from control.core.spec import ModelSpec
 from workers.handling import InferenceRequest, Parameter
 
 HANDLERS = Path(__file__).resolve().parent

@@ -10,7 +10,7 @@
 :func:`register_model` and :func:`register_model_with_params` send TorchServe's very
 request (``POST /models`` with the parameters as the query string) and return its
 ``requests.Response``. Where TorchServe's always call ``http://localhost:8081`` without
-a key, these find the management API and its key as ``control.client.find_management``
+a key, these find the management API and its key as ``control.management.client.find_management``
 says: ``$MQSERVE_MANAGEMENT_URL`` and ``$MQSERVE_TOKEN``, else the address and key file
 of the stack running in ``$MQSERVE_HOME`` (default ``~/.mqserve``), else
 ``http://127.0.0.1:8081``. Timeouts: 10 s to connect, 600 s to answer (a synchronous
@@ -29,7 +29,7 @@ from typing import Any
 
 import requests
 
-from control.client import management_request, wait_for_management
+from control.management.client import management_request, wait_for_management
 
 #: How long :func:`start` waits for the management API once ``mqserve start`` returned.
 ANSWER_TIMEOUT_S = 60.0

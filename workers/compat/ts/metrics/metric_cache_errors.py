@@ -1,6 +1,6 @@
 """TorchServe's ``ts.metrics.metric_cache_errors`` (the ones mqserve's cache raises)."""
 
-from control.metrics_schema import MetricsConfigError
+from control.core.metrics_schema import MetricsConfigError
 from workers.handling.metrics import (
     MetricsCacheKeyError,
     MetricsCacheTypeError,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from control.metrics_schema import MetricsConfig
+from control.core.metrics_schema import MetricsConfig
 from workers.handling.metrics import MetricsRecorder, config_at
 
 

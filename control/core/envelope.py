@@ -1,0 +1,226 @@
+"""Frames for online requests and replies: a JSON header, then the raw bytes.
+
+A frame is ``len(header) as 4 bytes big-endian | header (JSON, UTF-8) | payload``. The
+header describes the payload (its parts and their sizes); the payload is never
+base64-encoded, so a 1 MB image costs 1 MB in Redis, not 1.33 MB, and JSON is the only
+format ever parsed (no pickle). Frames are the values of the request, in-flight and
+reply lists of :mod:`control.core.keys`.
+
+This is the wire format of the ONLINE path only (HTTP predictions and describe, from
+the API to a worker and back); the Celery path (``mqserve.predict`` tasks) carries JSON
+(``workers.worker.messages``). A :class:`Part` is the one model of a request input on every
+path: the handler's ``workers.handling.types.Parameter`` is this class, and
+``workers.worker.messages`` holds the one conversion each way between a :class:`Request` or
+:class:`Reply` and the handler's types.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+_LEN = struct.Struct(">I")
+#: Largest header accepted; a header is metadata, not data.
+MAX_HEADER = 1024 * 1024
+#: What a request asks of a worker: a prediction, or customized metadata (describe).
+KINDS = ("predict", "describe")
+
+
+class FrameError(ValueError):
+    """A frame is truncated or its header is not what it claims."""
+
+
+def pack(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """Frame ``header`` (JSON-serialisable) and ``payload``."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _LEN.pack(len(head)) + head + payload
+
+
+def unpack(frame: bytes) -> tuple[dict[str, Any], bytes]:
+    """Inverse of :func:`pack`; raises :class:`FrameError` for anything that is not a frame."""
+    if not isinstance(frame, bytes | bytearray):
+        raise FrameError("a frame is bytes")
+    if len(frame) < _LEN.size:
+        raise FrameError("frame too short")
+    (size,) = _LEN.unpack_from(frame)
+    if size > MAX_HEADER or _LEN.size + size > len(frame):
+        raise FrameError("frame header length out of range")
+    try:
+        header = json.loads(frame[_LEN.size : _LEN.size + size])
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise FrameError(f"frame header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise FrameError("frame header is not an object")
+    return header, frame[_LEN.size + size :]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One request parameter: TorchServe's ``body``, a form field or a file part, with
+    its mime type as the client sent it (``""`` when none)."""
+
+    name: str
+    content_type: str
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Request:
+    """An online request as it travels through the queue."""
+
+    id: str
+    model: str
+    version: str
+    #: Wall-clock seconds after which nobody waits for the answer: it is not run.
+    deadline: float
+    enqueued: float
+    headers: dict[str, str] = field(default_factory=dict)
+    parts: tuple[Part, ...] = ()
+    #: ``predict`` or ``describe`` (customized metadata, always a batch of one).
+    kind: str = "predict"
+
+    def frame(self) -> bytes:
+        header = {
+            "id": self.id, "model": self.model, "version": self.version,
+            "deadline": self.deadline, "enqueued": self.enqueued, "headers": self.headers,
+            "kind": self.kind,
+            "parts": [[p.name, p.content_type, len(p.value)] for p in self.parts],
+        }  # fmt: skip
+        return pack(header, b"".join(p.value for p in self.parts))
+
+    @classmethod
+    def parse(cls, frame: bytes) -> Request:
+        """Inverse of :meth:`frame`; raises :class:`FrameError`, and only that, for any
+        frame that is not one (wrong types included: every field is checked)."""
+        header, payload = unpack(frame)
+        try:
+            parts: list[Part] = []
+            offset = 0
+            entries = header["parts"]
+            if not isinstance(entries, list):
+                raise FrameError("parts is not a list")
+            for entry in entries:
+                if not isinstance(entry, list) or len(entry) != 3:
+                    raise FrameError("a part is not [name, content type, size]")
+                name, content_type, size = entry
+                size = _count(size, "part size")
+                parts.append(
+                    Part(
+                        _text(name, "part name"),
+                        _text(content_type, "content type"),
+                        payload[offset : offset + size],
+                    )
+                )
+                offset += size
+            if offset != len(payload):
+                raise FrameError("payload size does not match the header")
+            kind = _text(header.get("kind", "predict"), "kind")
+            if kind not in KINDS:
+                raise FrameError(f"unknown request kind {kind!r}")
+            return cls(
+                id=request_id(header), model=_text(header["model"], "model"),
+                version=_text(header["version"], "version"),
+                deadline=_number(header["deadline"], "deadline"),
+                enqueued=_number(header["enqueued"], "enqueued"),
+                headers=_headers(header["headers"]), parts=tuple(parts), kind=kind,
+            )  # fmt: skip
+        except KeyError as exc:
+            raise FrameError(f"malformed request frame: {exc} is missing") from exc
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A worker's answer to one request."""
+
+    status: int
+    body: bytes = b""
+    reason: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    #: Set when the request failed as a whole: TorchServe's error message.
+    error: str | None = None
+    #: Wall-clock seconds when a worker took the request (queue latency).
+    dequeued: float = 0.0
+
+    def frame(self) -> bytes:
+        header = {
+            "status": self.status, "reason": self.reason, "headers": self.headers,
+            "content_type": self.content_type, "error": self.error, "dequeued": self.dequeued,
+        }  # fmt: skip
+        return pack(header, self.body)
+
+    @classmethod
+    def parse(cls, frame: bytes) -> Reply:
+        """Inverse of :meth:`frame`; raises :class:`FrameError`, and only that, for any
+        frame that is not one."""
+        header, body = unpack(frame)
+        try:
+            status = header["status"]
+        except KeyError as exc:
+            raise FrameError("malformed reply frame: 'status' is missing") from exc
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise FrameError(f"reply status {status!r} is not an HTTP status")
+        content_type, error = header.get("content_type"), header.get("error")
+        return cls(
+            status=status, body=body, reason=_text(header.get("reason", ""), "reason"),
+            headers=_headers(header.get("headers", {})),
+            content_type=None if content_type is None else _text(content_type, "content type"),
+            error=None if error is None else _text(error, "error"),
+            dequeued=_number(header.get("dequeued", 0.0), "dequeued"),
+        )  # fmt: skip
+
+
+def request_id(header: dict[str, Any]) -> str:
+    """The request id a header names: a non-empty string; else :class:`FrameError`."""
+    value = header.get("id")
+    if not isinstance(value, str) or not value:
+        raise FrameError("the request id is missing or not a string")
+    return value
+
+
+def readable_id(frame: bytes) -> str | None:
+    """The id of a request frame that may not parse, when its header still names one.
+
+    Lets a worker tell the sender of a malformed frame (on ``keys.reply(id)``) instead
+    of leaving it to wait; None when not even the id can be read.
+    """
+    try:
+        return request_id(unpack(frame)[0])
+    except FrameError:
+        return None
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise FrameError(f"{what} is not a string")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FrameError(f"{what} is not a non-negative integer")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    # bool is an int to Python, never a time; inf/nan and huge ints are no times either.
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise FrameError(f"{what} is not a number")
+    try:
+        number = float(value)
+    except OverflowError as exc:
+        raise FrameError(f"{what} is out of range") from exc
+    if not math.isfinite(number):
+        raise FrameError(f"{what} is not finite")
+    return number
+
+
+def _headers(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise FrameError("headers are not an object of strings")
+    return dict(value)

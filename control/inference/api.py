@@ -1,0 +1,272 @@
+"""The inference API (port 8080): TorchServe's routes, request decoding and answers.
+
+Routing mirrors TorchServe's ``InferenceRequestHandler`` (segment rules, KServe paths,
+``url_path`` from extra segments). A request becomes one frame on its model version's
+queue (:mod:`control.core.dispatch`); the worker's reply carries the handler's status,
+headers, content type and raw body, which are sent back as they are.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import parse_qs, parse_qsl
+
+import falcon
+
+from control.core.dispatch import Dispatcher, NoWorker, QueueFull
+from control.core.envelope import Part, Reply
+from control.core.errors import (
+    BadRequestException,
+    InternalServerException,
+    ResourceNotFoundException,
+    ServiceUnavailableException,
+)
+from control.core.settings import Settings
+from control.http.common import new_app, read_body, segments, send_json
+from control.http.openapi import load_description
+
+NO_WORKER = (
+    "has no worker to serve inference request. Please use scale workers API to add "
+    "workers. If this is a sequence inference, please check if it is closed, or expired; "
+    "or exceeds maxSequenceJobQueueSize"
+)
+
+
+def no_worker_message(model: str, version: str | None) -> str:
+    """TorchServe's 503 text, stray quote of the versioned form included."""
+    if version is None:
+        return f'Model "{model}" {NO_WORKER}'
+    return f'Model "{model}" Version {version}" {NO_WORKER}'
+
+
+class Recorder(Protocol):
+    """Where per-model inference metrics go (``control.metrics.recorder.MetricsRecorder``)."""
+
+    def inference(
+        self, model: str, version_label: str, latency_us: float, queue_us: float
+    ) -> None: ...
+
+
+class InferenceRoutes:
+    """A Falcon sink answering TorchServe's inference paths."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        health: Callable[[], bool],
+        recorder: Recorder | None = None,
+    ) -> None:
+        self._settings = settings
+        self._dispatch = dispatcher
+        self._health = health
+        self._recorder = recorder
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        segs = segments(req.path)
+        head = segs[1] if len(segs) > 1 else ""
+        if len(segs) <= 1 or head == "api-description":
+            self._describe_api(req, resp, segs)
+        elif head == "ping":
+            healthy = self._health()
+            send_json(
+                resp, {"status": "Healthy" if healthy else "Unhealthy"}, 200 if healthy else 500
+            )
+        elif head in ("predictions", "explanations"):
+            self._predictions(req, resp, segs, explain=head == "explanations")
+        elif head == "invocations" or (len(segs) == 4 and head == "models"):
+            self._invocations(req, resp, segs)
+        elif len(segs) in (3, 4) and segs[-1] == "predict":
+            self._predict(req, resp, segs[1], segs[2] if len(segs) == 4 else None, query=True)
+        elif (
+            len(segs) == 4
+            and head == "v1"
+            and segs[2] == "models"
+            and (":predict" in segs[3] or ":explain" in segs[3])
+        ):
+            self._predict(req, resp, segs[3].split(":")[0], None, explain=":explain" in segs[3])
+        elif (
+            len(segs) == 5
+            and head == "v2"
+            and segs[2] == "models"
+            and (segs[4] in ("infer", "explain"))
+        ):
+            self._predict(req, resp, segs[3], None, explain=segs[4] == "explain")
+        else:
+            raise ResourceNotFoundException()
+
+    def _describe_api(self, req: falcon.Request, resp: falcon.Response, segs: list[str]) -> None:
+        if req.method == "OPTIONS" or (len(segs) > 1 and segs[1] == "api-description"):
+            send_json(resp, load_description("inference"))
+        else:
+            raise ResourceNotFoundException()
+
+    def _predictions(
+        self, req: falcon.Request, resp: falcon.Response, segs: list[str], explain: bool
+    ) -> None:
+        if len(segs) < 3:
+            raise ResourceNotFoundException()
+        model = segs[2]
+        version = segs[3] if len(segs) >= 4 else None
+        if req.method == "OPTIONS":
+            self._dispatch.lookup(model, version, fresh=True)
+            description = load_description("inference")
+            description["info"]["title"] = f"{description['info']['title']}: {model}"
+            send_json(resp, description)
+            return
+        self._predict(req, resp, model, version, explain=explain, url_path="/".join(segs[4:]))
+
+    def _invocations(self, req: falcon.Request, resp: falcon.Response, segs: list[str]) -> None:
+        if segs[1] == "models":  # /models/{model}/invoke
+            if segs[3] != "invoke":
+                raise ResourceNotFoundException()
+            self._predict(req, resp, segs[2], None, query=True)
+            return
+        query = parse_qs(req.query_string, keep_blank_values=True)
+        name = (query.get("model_name") or [""])[0]
+        if not name:
+            raise BadRequestException("Parameter model_name is required.")
+        self._predict(req, resp, name, None, query=True)
+
+    def _predict(
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        model: str,
+        version: str | None,
+        explain: bool = False,
+        url_path: str = "",
+        query: bool = False,
+    ) -> None:
+        started = time.monotonic()
+        self._dispatch.lookup(model, version)  # TorchServe's 404s before reading the body
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        headers["explain"] = "True" if explain else "False"
+        headers["url_path"] = url_path
+        parts = read_parts(req, self._settings.max_request_size, query)
+        try:
+            outcome = self._dispatch.send(model, version, parts, headers, req.context.request_id)
+        except NoWorker:
+            raise ServiceUnavailableException(no_worker_message(model, version)) from None
+        except QueueFull:
+            self._queue_full(resp, model, version)
+            return
+        reply = outcome.reply
+        if reply.error is not None:
+            raise InternalServerException(reply.error, reply.status)
+        write_reply(resp, reply)
+        if self._recorder is not None:
+            elapsed_us = (time.monotonic() - started) * 1e6
+            self._recorder.inference(
+                model, version or "default", elapsed_us, outcome.queue_seconds * 1e6
+            )
+
+    def _queue_full(self, resp: falcon.Response, model: str, version: str | None) -> None:
+        if self._settings.queue_full_status == 429:
+            # Honest back-pressure for clients that asked for it: retry shortly.
+            resp.set_header("Retry-After", "1")
+            raise ServiceUnavailableException(
+                f'Model "{model}" is busy: its queue is full. Retry later.', 429
+            )
+        raise ServiceUnavailableException(no_worker_message(model, version))
+
+
+def read_parts(req: falcon.Request, limit: int, with_query: bool) -> tuple[Part, ...]:
+    """TorchServe's decoding: form fields as parameters, else the whole body as ``body``.
+
+    Values reach the handler as the exact bytes the client sent, whatever they are:
+
+    * query parameters (only when ``with_query``) and ``application/x-www-form-urlencoded``
+      fields are percent-decoded straight to bytes (``%FF`` is the byte 0xFF, never a
+      UTF-8 replacement character), without a content type;
+    * ``multipart/form-data`` parts are read raw. As in TorchServe (Netty), a part
+      without a filename is a plain field, passed without a content type, so the
+      handler gets bytes even when the part says ``text/plain``; a part with a filename
+      keeps its ``Content-Type`` (``text/plain`` when it has none: RFC 7578's default,
+      where Netty says ``application/octet-stream``).
+
+    Names are UTF-8: in the query and urlencoded forms invalid bytes become U+FFFD (as
+    Netty decodes them); a multipart ``Content-Disposition`` that is not UTF-8 is a 400.
+    A name repeated within the query or the form keeps its last value (the handler's
+    dict keeps the last of repeated multipart parts too). At most ``limit + 1`` bytes
+    of body are read, and a body longer than ``limit`` is a bare 413 before any parsing.
+    """
+    content_type = req.content_type or ""
+    mime = content_type.split(";")[0].strip().lower()
+    parts: list[Part] = []
+    if with_query:  # only /invocations, /models/{m}/invoke and legacy /{m}/predict
+        parts.extend(_form_fields(_wsgi_bytes(req.query_string)))
+    body = read_body(req, limit)
+    if mime == "multipart/form-data":
+        parts.extend(_multipart_fields(req, body, content_type))
+    elif mime == "application/x-www-form-urlencoded":
+        parts.extend(_form_fields(body))
+    else:
+        parts.append(Part("body", content_type, body))
+    return tuple(parts)
+
+
+def _wsgi_bytes(text: str) -> bytes:
+    """The raw bytes behind a WSGI string (PEP 3333 carries them as latin-1 text)."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:  # not from a WSGI server (e.g. a test client's str)
+        return text.encode("utf-8")
+
+
+def _form_fields(raw: bytes) -> list[Part]:
+    """``a=1&b=%FF`` as one part per name (last value wins), values as raw bytes.
+
+    Latin-1 maps the 256 byte values one-to-one onto the first 256 code points, so
+    parsing the latin-1 text with a latin-1 percent-decoder and encoding the result
+    back yields exactly the bytes that were percent-encoded (``parse_qsl`` on bytes
+    cannot: it re-encodes its results as ASCII).
+    """
+    fields: dict[str, bytes] = {}
+    text = raw.decode("latin-1")
+    for name, value in parse_qsl(text, keep_blank_values=True, encoding="latin-1"):
+        fields[name.encode("latin-1").decode("utf-8", "replace")] = value.encode("latin-1")
+    return [Part(name, "", value) for name, value in fields.items()]
+
+
+def _multipart_fields(req: falcon.Request, body: bytes, content_type: str) -> list[Part]:
+    """The parts of a ``multipart/form-data`` body, raw, with TorchServe's content types."""
+    handler = req.options.media_handlers.get(falcon.MEDIA_MULTIPART)
+    if not isinstance(handler, falcon.media.MultipartFormHandler):
+        handler = falcon.media.MultipartFormHandler()
+    parts = []
+    for part in handler.deserialize(io.BytesIO(body), content_type, len(body)):
+        try:
+            name, filename = part.name or "", part.filename
+        except UnicodeDecodeError:  # a Content-Disposition that is not UTF-8
+            raise falcon.MediaMalformedError(falcon.MEDIA_MULTIPART) from None
+        kind = part.content_type if filename is not None else ""
+        parts.append(Part(name, kind, part.stream.read()))
+    return parts
+
+
+def write_reply(resp: falcon.Response, reply: Reply) -> None:
+    """The handler's status, headers, content type (only if set) and raw body."""
+    resp.status = f"{reply.status} {reply.reason}" if reply.reason else reply.status
+    for name, value in reply.headers.items():
+        resp.set_header(name, value)
+    resp.content_type = reply.content_type
+    resp.data = reply.body
+
+
+def create_inference_app(
+    settings: Settings,
+    dispatcher: Dispatcher,
+    health: Callable[[], bool],
+    middleware: list[Any],
+    recorder: Recorder | None = None,
+) -> falcon.App[falcon.Request, falcon.Response]:
+    """The WSGI app of port 8080; ``middleware`` carries token auth and counters."""
+    app = new_app(middleware)
+    # TorchServe sets no Content-Type on predictions unless the handler does.
+    app.resp_options.default_media_type = None  # type: ignore[assignment]
+    app.add_sink(InferenceRoutes(settings, dispatcher, health, recorder), prefix="/")
+    return app

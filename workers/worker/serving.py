@@ -1,0 +1,414 @@
+"""The worker side of the request path: TorchServe's batching over Redis lists.
+
+:class:`Batcher` mirrors TorchServe's ``Model.pollInferJob``: block for the first
+request, then take up to ``batch_size - 1`` more, waiting at most ``max_batch_delay``
+milliseconds measured from when the first was taken. Requests move atomically
+(BLMOVE/LMOVE) from the model's queue into this worker's in-flight list, so a request
+is never lost: if the worker dies, the supervisor answers what is in that list.
+
+:class:`ModelRunner` serialises access to the model between this loop and Celery tasks
+(batch jobs), which is how jobs share a worker fairly with online requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
+
+import redis
+
+from control.core import keys
+from control.core.envelope import FrameError, Reply, Request, readable_id
+from control.core.redis_io import SOCKET_TIMEOUT, block_seconds
+from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest
+from workers.outage import Outage
+from workers.worker.messages import to_inference_request, to_reply
+
+log = logging.getLogger(__name__)
+
+#: Reply lists outlive an absent client by this much, then expire.
+REPLY_TTL_MS = keys.REPLY_TTL_MS
+#: The error for a request older than its model's ``clientTimeoutInMills`` when taken.
+EXPIRED = "Request timed out in the queue (clientTimeoutInMills)."
+#: How often an idle loop wakes to check whether it should stop.
+IDLE_WAKE = 0.25
+#: How late Redis may answer a blocking call's timeout at its default ``hz`` of 10 (one
+#: timer tick, plus margin); the end of a batching window is polled instead, in
+#: POLL_STEP steps. :func:`block_slack` derives it from the server's actual ``hz``.
+BLOCK_SLACK = 0.11
+POLL_STEP = 0.001
+#: The error for a frame that does not parse (its sender is told when its id is readable).
+MALFORMED = "Malformed request frame: {}"
+#: The error for requests of a batch the loop failed on outside the handler (a bug).
+LOOP_FAILED = "Internal Server Error"
+#: Pause after an unexpected error in the online loop, so a bug does not spin.
+ERROR_PAUSE = 0.5
+#: How long a worker keeps trying to deliver the replies of a batch it ran while Redis
+#: is unreachable (as long as a waiting API rides out an outage, control.core.dispatch).
+REPLY_RETRY_S = 30.0
+#: The online loop counts as stuck when it made no progress for this long (plus its
+#: batching window) outside the handler (the handler has response_timeout, which the
+#: supervisor watches): longer than any one Redis call can take.
+STUCK_AFTER = 2 * SOCKET_TIMEOUT
+
+
+def block_slack(client: redis.Redis) -> float:
+    """One timer tick of this Redis (``1 / hz``) plus 10 ms; the default when unreadable."""
+    try:
+        reply: dict[Any, Any] = dict(client.config_get("hz"))
+        hz = float(reply.get("hz") or reply.get(b"hz") or 10)
+    except (redis.RedisError, ValueError):
+        return BLOCK_SLACK  # CONFIG may be denied to this user (ACL)
+    return 1.0 / max(hz, 1.0) + 0.01
+
+
+class Batcher:
+    """Takes batches of request frames for one worker. Not thread-safe: one per loop."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        queue: str,
+        inflight: str,
+        batch_size: int,
+        max_batch_delay_ms: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        slack: float = BLOCK_SLACK,
+    ) -> None:
+        self._r = client
+        self._sleep = sleep
+        self._slack = slack
+        self._queue = queue
+        self._inflight = inflight
+        self._size = max(batch_size, 1)
+        self._delay = max(max_batch_delay_ms, 0) / 1000.0
+        self._clock = clock
+
+    @property
+    def window(self) -> float:
+        """The batching window (``max_batch_delay``) in seconds."""
+        return self._delay
+
+    def next_batch(self, wait: float) -> list[bytes]:
+        """Up to ``batch_size`` frames; ``[]`` when none came within ``wait`` seconds
+        (``wait`` at most :data:`control.core.redis_io.BLOCK_CHUNK`)."""
+        first = self._take(wait)
+        if first is None:
+            return []
+        batch: list[bytes] = [first]
+        deadline = self._clock() + self._delay
+        while len(batch) < self._size:
+            frame = _frame(self._r.lmove(self._queue, self._inflight, "RIGHT", "LEFT"))
+            if frame is not None:
+                batch.append(frame)
+                continue
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            if remaining > self._slack:
+                # Redis checks blocking timeouts only on its timer (every 100 ms at the
+                # default hz 10), so block only for the part of the window that a late
+                # wake-up cannot overrun; a push still wakes us at once.
+                frame = self._take(remaining - self._slack)
+                if frame is not None:
+                    batch.append(frame)
+            else:
+                self._sleep(min(POLL_STEP, remaining))
+        return batch
+
+    def _take(self, timeout: float) -> bytes | None:
+        # Never longer than one BLOCK_CHUNK (the caller's loop asks again), never 0 (which
+        # Redis reads as "forever"). Redis takes fractional timeouts; redis-py's stubs say
+        # int but pass it through.
+        timeout_arg: Any = block_seconds(timeout)
+        return _frame(self._r.blmove(self._queue, self._inflight, timeout_arg, "RIGHT", "LEFT"))
+
+
+def _frame(value: Any) -> bytes | None:
+    """A frame as bytes (the client must not decode responses)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    raise TypeError("request frames need a Redis client with decode_responses=False")
+
+
+class Handles(Protocol):
+    """What runs a batch (``workers.handling.LoadedModel``, or a :class:`ModelRunner`)."""
+
+    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]: ...
+
+
+class ModelRunner:
+    """One model, shared by the online loop and Celery tasks, one batch at a time.
+
+    ``busy`` (the worker's :meth:`Reporter.busy`) marks the worker BUSY while a batch
+    runs, which is what the supervisor's response timeout watches.
+    """
+
+    def __init__(
+        self,
+        model: Handles,
+        busy: Callable[[], AbstractContextManager[None]] | None = None,
+        observe: Callable[[int, list[Any]], None] | None = None,
+    ) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+        self._busy = busy or nullcontext
+        self._observe = observe
+
+    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+        """Run one batch; raises HandlerFailure when the whole batch fails.
+
+        ``observe(batch size, the handler's metric records)`` runs after each batch.
+        """
+        with self._lock, self._busy():
+            try:
+                return self._model.handle(batch)
+            finally:
+                if self._observe is not None:
+                    self._observe(len(batch), list(getattr(self._model, "last_metrics", [])))
+
+
+class OnlineLoop:
+    """Serves the online queue of one model version until stopped."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        runner: ModelRunner,
+        batcher: Batcher,
+        inflight: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._r = client
+        self._runner = runner
+        self._batcher = batcher
+        self._inflight = inflight
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mqserve-online", daemon=True)
+        #: Monotonic time of the loop's last sign of life, and whether it is in the
+        #: handler (whose own limit is response_timeout, watched by the supervisor).
+        self._progress = time.monotonic()
+        self._handling = False
+        #: Frames answered because they did not parse (for logs and tests).
+        self.malformed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def failure(self) -> str:
+        """Why the loop can no longer serve (its thread died or is stuck), or ``""``.
+
+        The worker's heartbeat calls this (``workers.worker.heartbeat.Reporter.watch``) and
+        reports FAILED with the reason, so the supervisor replaces the worker instead of
+        it answering READY while nothing takes requests. A loop that was stopped, or not
+        started yet, has not failed.
+        """
+        if self._stop.is_set() or self._thread.ident is None:
+            return ""
+        if not self._thread.is_alive():
+            return "Online request loop died"
+        idle = time.monotonic() - self._progress
+        # One wait for a batch lasts up to its window: not a sign of being stuck.
+        if not self._handling and idle > STUCK_AFTER + self._batcher.window:
+            return f"Online request loop made no progress for {idle:.0f} s"
+        return ""
+
+    def request_stop(self) -> bool:
+        """Take no new requests from now on; never blocks (safe in a signal handler).
+
+        Returns False when a stop was already requested.
+        """
+        if self._stop.is_set():
+            return False
+        self._stop.set()
+        return True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking requests and wait until the batch in progress is answered."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        """Serve until stopped; nothing but a stop ends the loop.
+
+        A Redis error waits with capped back-off (logged once per outage) and retries;
+        the frames of a batch stay in the in-flight list meanwhile. Any other error is a
+        bug: it is logged with its traceback, the batch it hit is answered 500 (so no
+        client waits for it), and the loop goes on after a short pause.
+        """
+        outage = Outage("online loop", log)
+        while not self._stop.is_set():
+            self._progress = time.monotonic()
+            frames: list[bytes] = []
+            try:
+                frames = self._batcher.next_batch(IDLE_WAKE)
+                if frames:
+                    self.serve(frames)
+                outage.recovered()
+            except redis.RedisError as exc:
+                self._stop.wait(outage.failed(exc))
+            except Exception:
+                log.exception("online loop: unexpected error; answering its batch and going on")
+                self._abandon(frames)
+                self._stop.wait(ERROR_PAUSE)
+
+    def _abandon(self, frames: list[bytes]) -> None:
+        """Answer 500 to those of ``frames`` still in the in-flight list, and drop them."""
+        try:
+            answered = answer_frames(self._r, self._inflight, frames, 500, LOOP_FAILED)
+        except Exception:  # Redis away too: the supervisor answers them if we die
+            log.exception("online loop: could not answer an abandoned batch")
+            return
+        if answered:
+            log.error("online loop: answered %d request(s) of a failed batch", answered)
+
+    def serve(self, frames: list[bytes]) -> None:
+        """Answer one batch of frames taken from the queue.
+
+        A frame that does not parse is logged, answered 400 when its id can be read
+        (its sender waits on ``keys.reply(id)``), and dropped from the in-flight list.
+        """
+        now = self._clock()
+        live: list[tuple[bytes, Request]] = []
+        pipe = self._r.pipeline(transaction=False)
+        for frame in frames:
+            try:
+                request = Request.parse(frame)
+            except FrameError as exc:
+                rid = readable_id(frame)
+                log.error("dropping a malformed request frame (id %r): %s", rid, exc)
+                self.malformed += 1
+                if rid is not None:
+                    error = MALFORMED.format(exc)
+                    _push_reply(pipe, rid, Reply(status=400, error=error, dequeued=now))
+                pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
+                continue
+            if 0 < request.deadline < now:
+                # Older than the model's clientTimeoutInMills: not run. TorchServe drops it
+                # without a word; the waiting client is told instead of left hanging.
+                _push_reply(pipe, request.id, Reply(status=408, error=EXPIRED, dequeued=now))
+                pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
+                continue
+            live.append((frame, request))
+        pipe.execute()
+        # Describe requests are always a batch of one, as in TorchServe.
+        predicts = [item for item in live if item[1].kind != "describe"]
+        for group in [predicts, *([item] for item in live if item[1].kind == "describe")]:
+            if group:
+                self._answer(group, now)
+
+    def _answer(self, group: list[tuple[bytes, Request]], dequeued: float) -> None:
+        batch = [to_inference_request(request) for _, request in group]
+        self._handling = True
+        try:
+            replies = [to_reply(r, dequeued) for r in self._runner.handle(batch)]
+            if len(replies) != len(group):
+                raise HandlerFailure(500, "Number of batch response mismatched")
+        except HandlerFailure as exc:
+            replies = [Reply(status=exc.status, error=exc.message, dequeued=dequeued)] * len(group)
+        except Exception:
+            # Not the handler's failure (that is a HandlerFailure) but ours, e.g. a reply
+            # that cannot be framed: the clients get a 500, the loop goes on.
+            log.exception("online loop: a batch failed outside the handler")
+            replies = [Reply(status=500, error=LOOP_FAILED, dequeued=dequeued)] * len(group)
+        finally:
+            self._handling = False
+            self._progress = time.monotonic()
+        self._deliver(group, replies)
+
+    def _deliver(self, group: list[tuple[bytes, Request]], replies: list[Reply]) -> None:
+        """Push the replies of a batch and take its frames off the in-flight list, riding
+        out a Redis outage of up to :data:`REPLY_RETRY_S` seconds.
+
+        A reply must not be dropped: its frame would stay in the in-flight list of a live
+        worker (Redis keeps it across a restart), which the waiting API counts as still
+        being worked on, so its client would wait until its own timeout. Pushing a reply
+        twice (the first attempt applied, its answer lost) is harmless: the API pops one
+        and the list expires. Past the limit the error goes up to the loop; the waiting
+        APIs have answered 503 by then (``control.core.dispatch`` rides out 30 s).
+        """
+        outage = Outage("online loop replies", log)
+        give_up = time.monotonic() + REPLY_RETRY_S
+        while True:
+            pipe = self._r.pipeline(transaction=False)
+            for (frame, request), reply in zip(group, replies, strict=True):
+                # The reply before the LREM: a waiting API never sees the request nowhere.
+                _push_reply(pipe, request.id, reply)
+                pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
+            try:
+                pipe.execute()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() >= give_up:
+                    raise
+                # Not the stop event's wait: a stopping worker still owes these replies.
+                time.sleep(outage.failed(exc))
+                self._progress = time.monotonic()
+                continue
+            outage.recovered()
+            return
+
+
+def _push_reply(pipe: Any, request_id: str, reply: Reply) -> None:
+    key = keys.reply(request_id)
+    pipe.lpush(key, reply.frame())
+    pipe.pexpire(key, REPLY_TTL_MS)
+
+
+def answer_all(client: redis.Redis, inflight: str, status: int, message: str) -> int:
+    """Answer every request left in an in-flight list with an error; returns the count.
+
+    Used by the supervisor for a worker that died: TorchServe answers the batch it was
+    running with ``Worker died.``; nothing is silently lost or run twice. A frame that
+    does not parse is answered too when its id is readable, else just dropped (logged):
+    no frame makes this raise; only Redis errors do.
+    """
+    frames = client.lrange(inflight, 0, -1)
+    pipe = client.pipeline(transaction=False)
+    for frame in frames:
+        raw = frame if isinstance(frame, bytes) else str(frame).encode()
+        rid = readable_id(raw)
+        if rid is None:
+            log.error("dropping an unreadable frame from %s", inflight)
+            continue
+        _push_reply(pipe, rid, Reply(status=status, error=message))
+    pipe.delete(inflight)
+    pipe.execute()
+    return len(frames)
+
+
+# KEYS: in-flight list, reply list   ARGV: frame, reply frame, reply TTL (ms).
+# Answers only a request still held, in one step, so that a waiting API never finds the
+# request nowhere and a request already answered is not answered twice.
+_ANSWER_IF_HELD = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def answer_frames(
+    client: redis.Redis, inflight: str, frames: list[bytes], status: int, message: str
+) -> int:
+    """Answer those of ``frames`` still in ``inflight`` with an error, removing them;
+    returns how many were answered. Frames whose id is unreadable are just removed."""
+    script = client.register_script(_ANSWER_IF_HELD)
+    answered = 0
+    for frame in frames:
+        rid = readable_id(frame)
+        if rid is None:
+            client.lrem(inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
+            continue
+        reply = Reply(status=status, error=message).frame()
+        args: list[Any] = [frame, reply, REPLY_TTL_MS]
+        answered += int(script(keys=[inflight, keys.reply(rid)], args=args))
+    return answered
