@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import free_port, kill_recorded, wait_for
 
 MQSERVE = Path(sys.executable).with_name("mqserve")
 MANIFEST = {
@@ -94,9 +94,13 @@ class Stack:
             conn.close()
 
     def cleanup(self) -> None:
-        if (self.home / "run" / "mqserve.pid").exists():
-            self.mqserve("stop")
-        shutil.rmtree(self.root, ignore_errors=True)
+        """``mqserve stop``; then, even if it failed or hung, kill what is still recorded."""
+        try:
+            if (self.home / "run" / "mqserve.pid").exists():
+                self.mqserve("stop")
+        finally:
+            kill_recorded(self.home)
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture

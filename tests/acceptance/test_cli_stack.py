@@ -7,6 +7,7 @@ free ports, ``stop_grace=3``). Teardown stops every stack and kills whatever it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -51,15 +52,15 @@ def handle(data, context):
 
 @pytest.fixture
 def servers() -> Iterator[Callable[[], Server]]:
-    made: list[Server] = []
+    """Makes stacks; each is cleaned up after the test, even if another's cleanup fails."""
+    with contextlib.ExitStack() as cleanups:
 
-    def make() -> Server:
-        made.append(Server())
-        return made[-1]
+        def make() -> Server:
+            server = Server()
+            cleanups.callback(server.cleanup)
+            return server
 
-    yield make
-    for server in made:
-        server.cleanup()
+        yield make
 
 
 def test_start_serve_stop_and_restart_keeps_the_registry(servers: Callable[[], Server]) -> None:

@@ -9,12 +9,12 @@ user's session: register a model, predict, scale, unregister.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.support.archives import build_mar
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import free_port, kill_leftover_workers, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -140,17 +140,17 @@ class LocalStack:
             return resp.status, data
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        for log in self.logs:
-            log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Stop the services, the last started first (SIGTERM, 60 s, then SIGKILL for it
+        and whatever ran below it), kill the model workers a killed supervisor left, close
+        the logs and remove the directory: every step runs even if one before it failed."""
+        with contextlib.ExitStack() as stack:  # callbacks run last-registered first
+            stack.callback(shutil.rmtree, self.root, ignore_errors=True)
+            for log in self.logs:
+                stack.callback(log.close)
+            for home in self.root.glob("*/mqserve_home"):
+                stack.callback(kill_leftover_workers, home)
+            for proc in self.procs:
+                stack.callback(stop_process, proc, 60)
 
 
 @pytest.fixture

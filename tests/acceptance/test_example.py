@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import torch
 
+from workers.handling.compat import install_compat_path
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "iris"
 LABELS = {"0": "setosa", "1": "versicolor", "2": "virginica"}
@@ -105,16 +107,8 @@ def test_train_writes_only_a_torchserve_archive(trained: tuple[Path, str]) -> No
 @pytest.fixture(scope="module")
 def handler_module() -> Iterator[ModuleType]:
     """``iris_handler`` imported as a server imports it, with ``ts`` on the path."""
-    try:
-        from workers.handling.compat import install_compat_path
-    except ImportError:  # the worker side is not there: TorchServe itself may be
-        pass
-    else:
-        install_compat_path()
-    # Skipped only until workers/compat/ts/torch_handler/base_handler.py exists.
-    pytest.importorskip(
-        "ts.torch_handler.base_handler", reason="the ts compatibility package is not built yet"
-    )
+    install_compat_path()
+    importlib.import_module("ts.torch_handler.base_handler")  # what the handler imports
     spec = importlib.util.spec_from_file_location("iris_handler", EXAMPLE / "iris_handler.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.support.archives import build_mar
-from tests.support.processes import free_port
+from tests.support.processes import free_port, kill_recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 MQSERVE = Path(sys.executable).with_name("mqserve")
@@ -92,9 +92,13 @@ class Stack:
         assert started.returncode == 0, started.stdout + started.stderr
 
     def cleanup(self) -> None:
-        if (self.home / "run" / "mqserve.pid").exists():
-            self.mqserve("stop")
-        shutil.rmtree(self.root, ignore_errors=True)
+        """``mqserve stop``; then, even if it failed or hung, kill what is still recorded."""
+        try:
+            if (self.home / "run" / "mqserve.pid").exists():
+                self.mqserve("stop")
+        finally:
+            kill_recorded(self.home)
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,16 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_url(redis_server_url: str) -> str:
-    redis.Redis.from_url(redis_server_url).flushall()
+    with redis.Redis.from_url(redis_server_url) as client:
+        client.flushall()
     return redis_server_url
 
 
 @pytest.fixture
-def real_redis(redis_url: str) -> redis.Redis:
-    return redis.Redis.from_url(redis_url, decode_responses=True)
+def real_redis(redis_url: str) -> Iterator[redis.Redis]:
+    """A text client of this test's Redis, closed after the test."""
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        yield client
 
 
 @pytest.fixture

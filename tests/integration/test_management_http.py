@@ -27,8 +27,9 @@ def api(stack_settings: Settings, store: Path, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def fleet(real_redis: redis.Redis) -> Iterator[FakeFleet]:
-    fake = FakeFleet(real_redis)
+def fleet(real_redis: redis.Redis, stack_settings: Settings) -> Iterator[FakeFleet]:
+    """The real supervisor over in-process fake workers (the app is what is tested here)."""
+    fake = FakeFleet(real_redis, stack_settings)
     with fake.running():
         yield fake
 

@@ -43,7 +43,14 @@ from control.core.settings import Settings
 from control.management.client import ManagementClient
 from tests.support import chaos
 from tests.support.archives import build_mar
-from tests.support.processes import api_process, free_port, wait_for
+from tests.support.processes import (
+    api_process,
+    free_port,
+    pings,
+    started,
+    stop_process,
+    wait_for,
+)
 
 MODEL, VERSION = "noop", "1.0"
 HOSTS = ("h1", "h2")
@@ -168,21 +175,12 @@ def shared_redis(workdir: Path, namespaces: dict[str, Namespace]) -> Iterator[tu
     port = free_port()
     binds = ["127.0.0.1", *(ns.root_addr for ns in namespaces.values())]
     # The password is given on stdin (a config file read from "-"), not in argv.
-    proc = subprocess.Popen(
-        [exe, "-", "--port", str(port), "--bind", *binds, "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    assert proc.stdin is not None
-    proc.stdin.write(f"requirepass {password}\n".encode())
-    proc.stdin.close()
+    argv = [exe, "-", "--port", str(port), "--bind", *binds, "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
     url = f"redis://:{password}@127.0.0.1:{port}/0"
-    try:
-        wait_for(lambda: redis.Redis.from_url(url).ping(), 10, "redis-server")
+    with started(argv, grace=10, stdin=f"requirepass {password}\n".encode()):
+        wait_for(lambda: pings(url), 10, "redis-server")
         yield password, port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @contextmanager
@@ -223,11 +221,8 @@ def netns_supervisors(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            # Already signalled: waits, then SIGKILLs it and whatever ran below it.
+            stop_process(proc, grace=30)
         client.close()
 
 

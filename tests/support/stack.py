@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, kill_recorded
 
 MQSERVE = Path(sys.executable).with_name("mqserve")
 MANIFEST = {
@@ -195,14 +195,23 @@ class Server:
             conn.close()
 
     def cleanup(self) -> None:
-        with contextlib.suppress(OSError):
-            self.everything()
-        if any((self.home / "run").glob("*.pid")):
-            self.stop()
-        for proc in self.seen:  # a safety net: never leave a stack behind
-            if not gone(proc):
-                proc.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
+        """``mqserve stop`` if anything is recorded; then, even when that stop failed or
+        hung, SIGKILL whatever is still recorded or was seen running, wait until it has
+        exited, and remove the stack's directory."""
+        try:
+            with contextlib.suppress(OSError):
+                self.everything()
+            if any((self.home / "run").glob("*.pid")):
+                self.stop()
+        finally:
+            # A safety net: never leave a stack behind.
+            kill_recorded(self.home)
+            for proc in self.seen:
+                with contextlib.suppress(psutil.Error):
+                    if not gone(proc):
+                        proc.kill()
+            psutil.wait_procs(self.seen, timeout=10)
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def aof_holds(server: Server, text: bytes) -> bool:

@@ -74,19 +74,10 @@ def client(make_client: AppFactory, settings: Settings) -> testing.TestClient:
 
 
 @pytest.fixture
-def fleet(redis_client: fakeredis.FakeRedis) -> Iterator[FakeFleet]:
-    """A fake worker fleet; models whose handler is ``invalidHandler`` fail to load,
-    and a ``startup_timeout`` of 0 fails as TorchServe fails it."""
-
-    def fail(spec: Any) -> str:
-        if spec.handler == "invalidHandler":
-            return "ModuleNotFoundError: No module named 'invalidHandler'"
-        if spec.handler == "oom_handler.py":
-            return "MemoryError: model too large"
-        if spec.startup_timeout == 0:
-            return "model load exceeded startup_timeout 0 s"
-        return ""
-
-    fake = FakeFleet(redis_client, fail)
+def fleet(redis_client: fakeredis.FakeRedis, settings: Settings) -> Iterator[FakeFleet]:
+    """The real supervisor over in-process fake workers that load their models with the
+    real loader (``tests.support.fakes.FakeFleet``): a model loads or fails as it would
+    in a real worker, with the real reason."""
+    fake = FakeFleet(redis_client, settings)
     with fake.running():
         yield fake

@@ -17,6 +17,7 @@ from control.core.observed import WorkerRecord, WorkerState
 from control.core.settings import Settings
 from tests.support.archives import build_mar
 from tests.support.fakes import FakeFleet
+from tests.support.processes import wait_for
 
 NOT_FOUND_RESOURCE = "Requested resource is not found, please refer to API document."
 NOT_ALLOWED = "Requested method is not allowed, please refer to API document."
@@ -207,7 +208,9 @@ def test_register_sync_waits_for_ready_workers(
     assert [w["status"] for w in workers] == ["READY", "READY"]
 
 
-def test_register_sync_failure_rolls_back(client: testing.TestClient, fleet: FakeFleet) -> None:
+def test_register_sync_failure_rolls_back(
+    client: testing.TestClient, fleet: FakeFleet, caplog: pytest.LogCaptureFixture
+) -> None:
     result = client.simulate_post(
         "/models", params={"url": "noop.mar", "initial_workers": "1", "handler": "invalidHandler"}
     )
@@ -218,17 +221,41 @@ def test_register_sync_failure_rolls_back(client: testing.TestClient, fleet: Fak
         "Failed to start workers for model noop version: 1.0",
     )
     assert client.simulate_get("/models").json == {"models": []}
-
-
-def test_register_sync_out_of_memory_is_507(client: testing.TestClient, fleet: FakeFleet) -> None:
-    result = client.simulate_post(
-        "/models", params={"url": "noop.mar", "initial_workers": "1", "handler": "oom_handler.py"}
+    # The worker's real load error (the archive has no such module), as the API logs it.
+    assert (
+        "rolling back noop:1.0, workers failed: "
+        "ModuleNotFoundError: No module named 'invalidHandler'" in caplog.text
     )
+
+
+OOM_HANDLER = """\
+def handle(data, context):
+    raise MemoryError("model too large")
+"""
+
+
+def test_register_sync_out_of_memory_is_507(
+    client: testing.TestClient,
+    fleet: FakeFleet,
+    store_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    build_mar(
+        store_dir / "oom.mar",
+        "noop",
+        handler="oom_handler.py",
+        extra={"oom_handler.py": OOM_HANDLER.encode()},
+    )
+    result = client.simulate_post("/models", params={"url": "oom.mar", "initial_workers": "1"})
     assert_error(
         result,
         507,
         "InternalServerException",
         "Failed to start workers for model noop version: 1.0",
+    )
+    assert (
+        "workers failed: System out of memory: MemoryError: model too large "
+        "(oom_handler.py, line 2)" in caplog.text
     )
 
 
@@ -603,7 +630,16 @@ def test_scale_sync_failure_keeps_model(client: testing.TestClient, fleet: FakeF
         "InternalServerException",
         "Failed to start workers for model noop version: null",
     )
-    assert client.simulate_get("/models/noop").status_code == 200
+    # Describe shows the loader's own text (polled: the supervisor retries the slot after
+    # its back-off, and the retry is briefly STARTING without one).
+    error = "ModuleNotFoundError: No module named 'invalidHandler'"
+    failed = {"status": "UNLOADING", "error": error}
+
+    def shown() -> list[dict[str, str]]:
+        workers = client.simulate_get("/models/noop").json[0]["workers"]
+        return [{"status": w["status"], "error": w.get("lastError", "")} for w in workers]
+
+    wait_for(lambda: shown() == [failed], 5, "the load error in describe")
 
 
 def test_scale_sync_drain_timeout(make_client: Any, settings: Settings, fleet: FakeFleet) -> None:
@@ -702,7 +738,11 @@ def test_unregister_drains_workers(
     client.simulate_post("/models", params={"url": "noop.mar", "initial_workers": "2"})
     assert len(observed.workers_of(redis_client, "noop", "1.0")) == 2
     assert client.simulate_delete("/models/noop").status_code == 200
-    assert observed.workers_of(redis_client, "noop", "1.0") == []
+    # Answered once no worker takes requests (they drain); the supervisor then reaps them.
+    assert observed.serving_count(observed.workers_of(redis_client, "noop", "1.0")) == 0
+    wait_for(
+        lambda: observed.workers_of(redis_client, "noop", "1.0") == [], 5, "the workers reaped"
+    )
 
 
 def test_unregister_timeout_keeps_model(

@@ -14,7 +14,7 @@ from falcon import testing
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 
-from control.core.errors import ModelNotFoundException
+from control.archives.store import ModelStore
 from control.core.settings import Settings
 from control.http.auth import KeyStore
 from control.http.openapi import load_description
@@ -194,21 +194,7 @@ def test_model_description_keeps_only_the_models_paths(description: dict[str, An
 # -- the description against the server ----------------------------------------------------
 
 
-class _EmptyStore:
-    """Stand-in model store (``control.archives.store`` may be absent): knows no archive."""
-
-    def resolve(self, url: str) -> Any:
-        raise ModelNotFoundException(f"Model not found at: {url}")
-
-    def remove(self, archive: Any) -> None:
-        raise ModelNotFoundException(f"Model not found at: {archive}")
-
-
 def _store(root: Path) -> Any:
-    try:
-        from control.archives.store import ModelStore
-    except ImportError:
-        return _EmptyStore()
     return ModelStore(root, ())
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,20 +16,19 @@ from falcon import testing
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 
+from control import server as server_wiring
 from control.core import keys
-from control.core.dispatch import Dispatcher
+from control.core.redis_io import Clients
 from control.core.registry import Registry
 from control.core.settings import Settings
 from control.core.spec import ModelSpec
-from control.http.auth import KeyStore, TokenAuth
-from control.http.common import RequestSizeLimit
+from control.http.auth import KeyStore
 from control.http.openapi import load_description
-from control.inference.api import create_inference_app
+from control.jobs.store import JobStore
 from tests.support.openapi import all_refs, error_types, operations, resolve, without_error_response
 
 TEMPLATE_PARAMS = {"model_name", "model_version", "key", "job_id"}
 UNROUTED_TYPES = {404: "ResourceNotFoundException", 405: "MethodNotAllowedException"}
-HAS_JOBS = importlib.util.find_spec("control.jobs.api") is not None
 JOB_PATHS = ("/jobs/",)
 #: The operations the task asks for, TorchServe's and the batch jobs'.
 EXPECTED_OPERATIONS = {
@@ -227,46 +224,39 @@ class _Celery:
 
 
 class _Server:
-    """The real inference app over one fake Redis, with the batch jobs mounted.
+    """The inference app exactly as ``control.server.build_inference`` wires it (batch
+    jobs, size limit, token authorization with ``/ping`` exempt, health), over one fake
+    Redis; only the Celery app the job store sends chunks with is a stand-in.
 
-    With ``key_file``, token authorization is on (``/ping`` exempt, as
-    ``control.server`` wires it) and ``self.keys`` holds the issued keys.
+    With ``key_file``, token authorization is on and ``self.keys`` holds the issued keys.
     """
 
     def __init__(
         self,
         registered: bool = False,
-        health: Callable[[], bool] = lambda: True,
-        middleware: list[Any] | None = None,
         key_file: Path | None = None,
         **changes: Any,
     ) -> None:
         server = fakeredis.FakeServer()
         self.text = fakeredis.FakeRedis(server=server, decode_responses=True)
+        home = key_file.parent if key_file is not None else Path("/nonexistent")
         self.settings = Settings(
-            redis_url="redis://unused", disable_token_authorization=True
+            redis_url="redis://unused", disable_token_authorization=key_file is None, home=home
         ).replace(**changes)
-        middleware = list(middleware or [])
         self.keys: dict[str, str] = {}
         if key_file is not None:
-            keystore = KeyStore(self.text, key_file, 60.0)
-            self.keys = keystore.issue_all()
-            middleware.append(TokenAuth(keystore, "inference", exempt=frozenset({"/ping"})))
-        dispatcher = Dispatcher(fakeredis.FakeRedis(server=server))
-        self.app = create_inference_app(
-            self.settings, dispatcher, health=health, middleware=middleware
-        )
+            assert self.settings.key_file == key_file
+            self.keys = KeyStore(self.text, key_file, 60.0).issue_all()
+        self.celery = _Celery()
+        clients = Clients(self.text, fakeredis.FakeRedis(server=server))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(server_wiring, "make_celery", lambda settings: self.celery)
+            self.app = server_wiring.build_inference(self.settings, clients)
+        self.jobs = JobStore(self.text, self.celery)
         self.job_id = "0" * 32  # no such job
-        if HAS_JOBS:
-            from control.jobs.api import add_job_routes
-            from control.jobs.store import JobStore
-
-            self.jobs = JobStore(self.text, _Celery())
-            add_job_routes(self.app, self.jobs, self.settings.max_request_size)
         if registered:
             self.register(job_queue_size=self.settings.job_queue_size)
-            if HAS_JOBS:
-                self.job_id = self.jobs.submit("noop", None, [b"1", b"2"]).job_id
+            self.job_id = self.jobs.submit("noop", None, [b"1", b"2"]).job_id
         self.client = testing.TestClient(self.app)
 
     def register(self, **spec: Any) -> None:
@@ -331,8 +321,6 @@ def test_every_documented_operation_is_routed(
 ) -> None:
     method, path = operation.split(" ", 1)
     method = method.lower()
-    if path.startswith(JOB_PATHS) and not HAS_JOBS:
-        pytest.skip("control.jobs.api is not there yet")
     server = _Server(registered=registered)
     result = _request(server, description, path, method)
     body = result.json if result.status_code >= 400 else {}
@@ -384,7 +372,11 @@ def test_malformed_multipart(description: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("healthy", [True, False])
 def test_ping(healthy: bool, description: dict[str, Any]) -> None:
-    result = _Server(health=lambda: healthy).client.simulate_get("/ping")
+    server = _Server()
+    if not healthy:  # a model that should have a worker and has none
+        model = ModelSpec("noop", "1.0", "noop.mar", "noop.mar", False, "noop_handler")
+        assert Registry(server.text).register(model, 1, 1)
+    result = server.client.simulate_get("/ping")
     assert result.status_code == (200 if healthy else 500)
     assert result.json == {"status": "Healthy" if healthy else "Unhealthy"}
     _check_documented(description, "/ping", "get", result)
@@ -406,7 +398,7 @@ def test_full_queue(status: int, description: dict[str, Any]) -> None:
 
 def test_too_large_answers_413_without_body(description: dict[str, Any]) -> None:
     # Called without falcon's WSGI validator, which wants a Content-Type on every answer.
-    app = _Server(middleware=[RequestSizeLimit(4)]).app
+    app = _Server(max_request_size=4).app
     documented = description["paths"]["/predictions/{model_name}"]["post"]["responses"]["413"]
     assert "content" not in resolve(description, documented)
     answered: list[str] = []
@@ -432,7 +424,6 @@ def test_options_serve_the_description(description: dict[str, Any]) -> None:
     assert client.simulate_get("/").status_code == 404
 
 
-@pytest.mark.skipif(not HAS_JOBS, reason="control.jobs.api is not there yet")
 def test_job_lifecycle_as_described(description: dict[str, Any]) -> None:
     server = _Server(registered=True)
     client = server.client
@@ -464,8 +455,6 @@ def test_token_auth_as_described(tmp_path: Path, description: dict[str, Any]) ->
     /ping needs the inference key, as the description says."""
     server = _Server(key_file=tmp_path / "key_file.json")
     for path, method, op in operations(description):
-        if path.startswith(JOB_PATHS) and not HAS_JOBS:
-            continue
         result = _request(server, description, path, method)
         _check_documented(description, path, method, result)
         if op.get("security") == []:

@@ -4,8 +4,10 @@ The rows come from TorchServe 0.12.0's postman suite (``tests/data/torchserve-
 postman/management_data.json``) and assert the HTTP status. Archives are small local
 stand-ins with the same names; the remote ``torchserve.pytorch.org`` archives are served
 by a fetch stub, so the suite runs offline with the allow-list the suite relies on.
-Workers come from a fake fleet that fails models TorchServe fails to load
-(``invalidHandler``, ``startup_timeout=0``).
+Workers come from the real supervisor over in-process fake workers that load with the
+real loader (``tests.support.fakes.FakeFleet``), so the models TorchServe fails to load
+fail here for the same reasons: ``invalidHandler`` names no module of the archive, and
+``startup_timeout=0`` is exceeded by any load.
 """
 
 from __future__ import annotations

@@ -73,26 +73,35 @@ def load(
     its handler.
 
     The handler's ``context.metrics`` has ``metrics_config``'s model metrics declared.
+    The model directory becomes the process's cwd first (:func:`enter_model_dir`).
+    """
+    root = unpack_model(settings, store, args.host, record)
+    enter_model_dir(root)
+    install_compat_path()
+    # The worker sees only its own GPU, as device 0 (CUDA_VISIBLE_DEVICES).
+    return load_handler(root, record.spec, 0 if args.gpu >= 0 else None, metrics_config)
+
+
+def unpack_model(settings: Settings, store: ModelStore, host: str, record: VersionRecord) -> Path:
+    """The model directory of ``record`` for ``host``'s workers; a :class:`LoadError`
+    (``cannot unpack the model archive: ...``) when the archive cannot be unpacked.
 
     The archive is unpacked once per host and registration into this stack's home
     (``workers.model_files.ModelFiles``) and shared with the host's other workers of the
     version; the supervisor deletes it after the last of them exits.
     """
-    files = ModelFiles.of(settings.home, args.host)
+    files = ModelFiles.of(settings.home, host)
+    spec = record.spec
 
     def extract(dest: Path) -> Path:
-        return store.extract(record.spec.archive, dest)
+        return store.extract(spec.archive, dest)
 
     try:
-        root = files.unpack(args.model, args.version, registration_tag(record), extract)
+        return files.unpack(spec.model_name, spec.version, registration_tag(record), extract)
     except ModelServerError as exc:
         raise LoadError(f"cannot unpack the model archive: {exc.message}") from exc
     except OSError as exc:  # e.g. the home's disk is full
         raise LoadError(f"cannot unpack the model archive: {exc.strerror or exc}") from exc
-    enter_model_dir(root)
-    install_compat_path()
-    # The worker sees only its own GPU, as device 0 (CUDA_VISIBLE_DEVICES).
-    return load_handler(root, record.spec, 0 if args.gpu >= 0 else None, metrics_config)
 
 
 def read_metrics_config(settings: Settings) -> MetricsConfig:

@@ -356,7 +356,6 @@ def test_torchserve_tree_roles() -> None:
 
 
 def test_snapshot_of_missing_process() -> None:
-    pytest.importorskip("psutil")
     with pytest.raises(BenchError, match="cannot inspect"):
         memory.snapshot(2**22 + 12345)
 
@@ -518,7 +517,6 @@ def test_python_client_table(
 def test_json_output_with_memory(
     fake: tuple[FakeServer, str], store: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("psutil")
     _state, url = fake
     code = bench(
         url, store, "--key-file", str(key_file), "--client", "python",
