@@ -113,7 +113,7 @@ class QueueFull(ServiceUnavailableException):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Delivery:
     """A reply, the version that answered and how long the request queued (metrics)."""
 
     reply: Reply
@@ -188,7 +188,7 @@ class Dispatcher:
         headers: dict[str, str],
         request_id: str | None = None,
         kind: str = "predict",
-    ) -> Outcome:
+    ) -> Delivery:
         """Queue one request for ``model`` (``version``, or the default) and wait for its reply.
 
         Raises the registry's 404s, :class:`NoWorker`, :class:`QueueFull`, or
@@ -222,7 +222,7 @@ class Dispatcher:
             raise QueueFull("queue full")
         reply = self._await(request, frame)
         queued = max(reply.dequeued - now, 0.0) if reply.dequeued else 0.0
-        return Outcome(reply, queued, spec.version)
+        return Delivery(reply, queued, spec.version)
 
     def _await(self, request: Request, frame: bytes) -> Reply:
         """Block for the reply for as long as the request is alive (see the module doc)."""

@@ -23,7 +23,7 @@ _OOM_MARKERS = ("MemoryError", "out of memory", "CUDA")
 
 
 @dataclass(frozen=True)
-class Outcome:
+class WaitResult:
     """Result of a wait: ``ok``, or the failure with its HTTP status (500/507)."""
 
     ok: bool
@@ -53,7 +53,7 @@ class WorkerWaiter:
 
     def until_ready(
         self, name: str, version: str, count: int, since: float, timeout: float
-    ) -> Outcome:
+    ) -> WaitResult:
         """Wait until ``count`` workers serve, or a worker started at/after ``since``
         (wall-clock seconds) reports FAILED, or ``timeout`` seconds pass."""
         deadline = self._clock() + timeout
@@ -61,11 +61,11 @@ class WorkerWaiter:
             records = workers_of(self._r, name, version)
             failed = _first_failure(records, since)
             if failed is not None:
-                return Outcome(False, failure_status(failed.reason), failed.reason)
+                return WaitResult(False, failure_status(failed.reason), failed.reason)
             if serving_count(records) >= count:
-                return Outcome(True)
+                return WaitResult(True)
             if self._clock() >= deadline:
-                return Outcome(False, 500, "timed out waiting for workers to load")
+                return WaitResult(False, 500, "timed out waiting for workers to load")
             self._sleep(self._interval)
 
     def until_at_most(self, name: str, version: str, count: int, timeout: float) -> bool:

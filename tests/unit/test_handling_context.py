@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from workers.handling import Context, MetricsRecorder, RequestProcessor
+from workers.handling import Context, HandlerMetrics, RequestProcessor
 from workers.handling.metrics import Dimension, MetricsCacheKeyError, MetricTypes
 
 
-def _context(metrics: MetricsRecorder | None = None) -> Context:
+def _context(metrics: HandlerMetrics | None = None) -> Context:
     return Context("m", "/models/m", {"model": {}}, 2, None, "0.12.0", True, metrics)
 
 
@@ -25,7 +25,7 @@ def test_positional_constructor_as_upstream() -> None:
     context = Context("m", "/d", None, 4, 1, "0.12.0")
     assert context.system_properties["gpu_id"] == 1
     assert context.model_yaml_config == {}
-    assert isinstance(context.metrics, MetricsRecorder)
+    assert isinstance(context.metrics, HandlerMetrics)
 
 
 def test_requests() -> None:
@@ -83,7 +83,7 @@ def test_end_batch_forgets_requests() -> None:
 
 
 def test_metrics_api_records_updates() -> None:
-    metrics = MetricsRecorder("m")
+    metrics = HandlerMetrics("m")
     context = _context(metrics)
     _batch(context)
     metrics.add_time("HandlerTime", 1.5, None, "ms")
@@ -108,7 +108,7 @@ def test_metrics_api_records_updates() -> None:
 
 
 def test_metrics_units_are_checked() -> None:
-    metrics = MetricsRecorder("m")
+    metrics = HandlerMetrics("m")
     with pytest.raises(ValueError, match="timed metric"):
         metrics.add_time("T", 1, unit="h")
     with pytest.raises(ValueError, match="size based"):
@@ -116,7 +116,7 @@ def test_metrics_units_are_checked() -> None:
 
 
 def test_cached_metrics() -> None:
-    metrics = MetricsRecorder("m")
+    metrics = HandlerMetrics("m")
     with pytest.raises(MetricsCacheKeyError):
         metrics.get_metric("Loads")
     declared = metrics.add_metric_to_cache("Loads", "count", ["Stage"])

@@ -1,7 +1,8 @@
 """The import direction of docs/architecture.md, as import-linter contracts in
 pyproject.toml: the core imports nothing else of ours, the control plane never imports
 the workers, workers load no HTTP framework, the APIs stay independent, and the
-supervisor sits above the worker above the handler. Lazy imports count (grimp reads
+supervisor sits above the worker above the handler, and no modules or folders import
+each other in a cycle. Lazy imports count (grimp reads
 every import statement)."""
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def test_the_contracts_name_the_rules_of_the_architecture() -> None:
     no_http = contracts["The supervisor and the model workers load no HTTP framework nor API"]
     assert {"falcon", "gunicorn"} <= set(no_http["forbidden_modules"])
     assert config["include_external_packages"] is True  # else falcon could not be forbidden
+    acyclic = contracts["No import cycles among the modules and folders of either package"]
+    assert acyclic["type"] == "acyclic_siblings" and acyclic["ancestors"] == ["control", "workers"]
     assert contracts["Supervisor above worker above handler"]["layers"] == [
         "workers.supervisor", "workers.worker", "workers.handling",
     ]  # fmt: skip

@@ -30,10 +30,10 @@ from tests.support.handlers import isolated_imports
 from workers.handling import install_compat_path
 from workers.handling.metrics import (
     Dimension,
+    HandlerMetrics,
     MetricRecord,
     MetricsCacheKeyError,
     MetricsCacheTypeError,
-    MetricsRecorder,
     MetricTypes,
 )
 
@@ -47,8 +47,8 @@ CONFIG = MetricsConfig(
 
 
 @pytest.fixture
-def metrics() -> MetricsRecorder:
-    cache = MetricsRecorder("m", CONFIG)
+def metrics() -> HandlerMetrics:
+    cache = HandlerMetrics("m", CONFIG)
     cache.set_request_ids({0: "r0", 1: "r1"})
     return cache
 
@@ -61,7 +61,7 @@ def only(records: list[MetricRecord]) -> tuple[str, float, dict[str, str], Metri
 # -- declared and undeclared metrics ---------------------------------------------------
 
 
-def test_yaml_metrics_are_declared_at_creation(metrics: MetricsRecorder) -> None:
+def test_yaml_metrics_are_declared_at_creation(metrics: HandlerMetrics) -> None:
     assert sorted(metrics.cache_keys()) == [
         "counter:CallCount",
         "gauge:RequestBatchSize",
@@ -74,7 +74,7 @@ def test_yaml_metrics_are_declared_at_creation(metrics: MetricsRecorder) -> None
 
 
 def test_default_cache_declares_torchserves_model_metrics() -> None:
-    cache = MetricsRecorder("m")
+    cache = HandlerMetrics("m")
     assert sorted(cache.cache_keys()) == ["gauge:HandlerTime", "gauge:PredictionTime"]
     assert cache.get_metric("HandlerTime", MetricTypes.GAUGE).dimension_names == [
         "ModelName",
@@ -82,7 +82,7 @@ def test_default_cache_declares_torchserves_model_metrics() -> None:
     ]
 
 
-def test_get_metric_of_an_undeclared_metric_raises(metrics: MetricsRecorder) -> None:
+def test_get_metric_of_an_undeclared_metric_raises(metrics: HandlerMetrics) -> None:
     with pytest.raises(MetricsCacheKeyError, match="name 'Nope' doesn't exist"):
         metrics.get_metric("Nope", MetricTypes.COUNTER)
     # Declared as a gauge: a counter of that name is another metric.
@@ -92,7 +92,7 @@ def test_get_metric_of_an_undeclared_metric_raises(metrics: MetricsRecorder) -> 
         metrics.get_metric("RequestBatchSize", "summary")  # type: ignore[arg-type]
 
 
-def test_add_metric_to_cache_declares_and_redeclares(metrics: MetricsRecorder) -> None:
+def test_add_metric_to_cache_declares_and_redeclares(metrics: HandlerMetrics) -> None:
     first = metrics.add_metric_to_cache("Distance", "km", ["Route"], MetricTypes.GAUGE)
     assert metrics.get_metric("Distance", MetricTypes.GAUGE) is first
     second = metrics.add_metric_to_cache("Distance", "m", ["Route", "Leg"], MetricTypes.GAUGE)
@@ -102,7 +102,7 @@ def test_add_metric_to_cache_declares_and_redeclares(metrics: MetricsRecorder) -
 
 
 def test_add_apis_create_undeclared_metrics_with_default_dimensions(
-    metrics: MetricsRecorder,
+    metrics: HandlerMetrics,
 ) -> None:
     metrics.add_counter("Hits", 2, idx=1, dimensions=[Dimension("Route", "a")])
     hits = metrics.get_metric("Hits", MetricTypes.COUNTER)
@@ -116,7 +116,7 @@ def test_add_apis_create_undeclared_metrics_with_default_dimensions(
     assert records[0].dimensions == {"Route": "a", "ModelName": "m", "Level": "Model"}
 
 
-def test_add_apis_update_declared_metrics(metrics: MetricsRecorder) -> None:
+def test_add_apis_update_declared_metrics(metrics: HandlerMetrics) -> None:
     metrics.add_counter("CallCount", 1)  # declared [ModelName, Level]: the defaults fit
     metrics.add_time("Latency", 12.5, dimensions=[Dimension("Stage", "pre")],
                      metric_type=MetricTypes.HISTOGRAM)  # fmt: skip
@@ -128,7 +128,7 @@ def test_add_apis_update_declared_metrics(metrics: MetricsRecorder) -> None:
     assert records[1].dimensions == {"Stage": "pre", "ModelName": "m", "Level": "Model"}
 
 
-def test_given_model_name_and_level_are_kept(metrics: MetricsRecorder) -> None:
+def test_given_model_name_and_level_are_kept(metrics: HandlerMetrics) -> None:
     dims = [Dimension("ModelName", "other"), Dimension("Level", "Host")]
     metrics.add_metric("CallCount", 1, "count", dimensions=dims)
     metrics.add_error("Failures", 1)
@@ -137,7 +137,7 @@ def test_given_model_name_and_level_are_kept(metrics: MetricsRecorder) -> None:
     assert (records[1].dimensions, records[1].metric_type) == ({"Level": "Error"}, "counter")
 
 
-def test_types_and_units_of_the_add_apis(metrics: MetricsRecorder) -> None:
+def test_types_and_units_of_the_add_apis(metrics: HandlerMetrics) -> None:
     metrics.add_time("T", 1, unit="s")
     metrics.add_size("S", 2, unit="GB", metric_type=MetricTypes.COUNTER)
     metrics.add_percent("P", 50, metric_type=MetricTypes.HISTOGRAM)
@@ -150,7 +150,7 @@ def test_types_and_units_of_the_add_apis(metrics: MetricsRecorder) -> None:
     ]
 
 
-def test_metric_types_given_as_strings_or_foreign_enums(metrics: MetricsRecorder) -> None:
+def test_metric_types_given_as_strings_or_foreign_enums(metrics: HandlerMetrics) -> None:
     class OtherTypes(enum.Enum):  # a real TorchServe's MetricTypes is a plain Enum
         GAUGE = "gauge"
 
@@ -160,7 +160,7 @@ def test_metric_types_given_as_strings_or_foreign_enums(metrics: MetricsRecorder
     assert metrics.get_metric("B", OtherTypes.GAUGE) is metrics.get_metric("B", MetricTypes.GAUGE)  # type: ignore[arg-type]
 
 
-def test_update_replaces_the_dimension_names(metrics: MetricsRecorder) -> None:
+def test_update_replaces_the_dimension_names(metrics: HandlerMetrics) -> None:
     metric = metrics.add_metric_to_cache("Loads", "count", ["Stage"])
     metric.update(3, request_id="r9", dimensions=[Dimension("Phase", "cold")])
     assert metric.dimension_names == ["Phase"]
@@ -184,7 +184,7 @@ def test_update_replaces_the_dimension_names(metrics: MetricsRecorder) -> None:
     ],
 )
 def test_bad_updates_are_logged_and_dropped(
-    metrics: MetricsRecorder,
+    metrics: HandlerMetrics,
     caplog: pytest.LogCaptureFixture,
     metric_name: str,
     kind: MetricTypes,
@@ -198,14 +198,14 @@ def test_bad_updates_are_logged_and_dropped(
     assert reason in caplog.text and metric_name in caplog.text
 
 
-def test_negative_gauges_and_histograms_are_fine(metrics: MetricsRecorder) -> None:
+def test_negative_gauges_and_histograms_are_fine(metrics: HandlerMetrics) -> None:
     metrics.get_metric("RequestBatchSize", MetricTypes.GAUGE).add_or_update(-2, ["m"])
     metrics.add_metric("Delta", -1.5, "u", metric_type=MetricTypes.HISTOGRAM)
     assert [r.value for r in metrics.drain()] == [-2.0, -1.5]
 
 
 def test_unknown_metric_types_never_raise(
-    metrics: MetricsRecorder, caplog: pytest.LogCaptureFixture
+    metrics: HandlerMetrics, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.ERROR, "workers.handling.metrics"):
         metrics.add_metric("X", 1, "u", metric_type="summary")  # type: ignore[arg-type]
@@ -219,7 +219,7 @@ def test_unknown_metric_types_never_raise(
 
 
 def test_declaring_with_wrong_argument_types_raises_as_torchserve(
-    metrics: MetricsRecorder,
+    metrics: HandlerMetrics,
 ) -> None:
     with pytest.raises(MetricsCacheTypeError, match="metric_name"):
         metrics.add_metric_to_cache(1, "u")  # type: ignore[arg-type]

@@ -9,19 +9,19 @@ unchanged: ``import ts`` resolves to the compatibility package in ``workers/comp
 from workers.handling.compat import install_compat_path
 from workers.handling.context import Context, RequestProcessor
 from workers.handling.loader import LoadError, enter_model_dir, load_handler
-from workers.handling.metrics import MetricRecord, MetricsRecorder
+from workers.handling.metrics import HandlerMetrics, MetricRecord
 from workers.handling.service import LoadedModel
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest, Parameter
 
 __all__ = [
     "Context",
     "HandlerFailure",
+    "HandlerMetrics",
     "InferenceReply",
     "InferenceRequest",
     "LoadError",
     "LoadedModel",
     "MetricRecord",
-    "MetricsRecorder",
     "Parameter",
     "RequestProcessor",
     "enter_model_dir",

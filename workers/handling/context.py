@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from workers.handling.metrics import MetricsRecorder
+from workers.handling.metrics import HandlerMetrics
 
 #: Stateful-model header names; TorchServe lets the same variables rename them.
 SEQUENCE_ID_HEADER = os.environ.get("TS_REQUEST_SEQUENCE_ID", "ts_request_sequence_id")
@@ -72,7 +72,7 @@ class Context:
         gpu: int | None,
         mms_version: str,
         limit_max_image_pixels: bool = True,
-        metrics: MetricsRecorder | None = None,
+        metrics: HandlerMetrics | None = None,
         model_yaml_config: dict[str, Any] | None = None,
     ) -> None:
         self.model_name = model_name
@@ -86,7 +86,7 @@ class Context:
             "limit_max_image_pixels": limit_max_image_pixels,
         }
         self.model_yaml_config: dict[str, Any] = model_yaml_config or {}
-        self.metrics = metrics if metrics is not None else MetricsRecorder(model_name)
+        self.metrics = metrics if metrics is not None else HandlerMetrics(model_name)
         self.request_ids: dict[int, str] | None = None
         self.request_processor: list[RequestProcessor] | None = None
         # Streaming and continuous-batching internals; not supported, kept for handlers

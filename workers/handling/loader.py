@@ -39,7 +39,7 @@ from control.core.metrics_schema import MetricsConfig
 from control.core.spec import ModelSpec
 from workers.handling.compat import install_compat_path
 from workers.handling.context import Context
-from workers.handling.metrics import MetricsRecorder
+from workers.handling.metrics import HandlerMetrics
 from workers.handling.service import EntryPoint, LoadedModel
 
 #: The TorchServe release whose backend behaviour this layer follows.
@@ -104,7 +104,7 @@ def load_handler(
         gpu_id,
         TORCHSERVE_VERSION,
         True,
-        MetricsRecorder(spec.model_name, metrics_config),
+        HandlerMetrics(spec.model_name, metrics_config),
         dict(spec.model_config),
     )
     try:

@@ -19,8 +19,8 @@ negative counter increment), and so is a value that is not a finite number or a 
 type that is none of :class:`MetricTypes`: a handler's metric never fails a request.
 
 Where TorchServe logs each update for its frontend, every update here is appended to
-:attr:`MetricsRecorder.records`; the worker takes them with
-:meth:`MetricsRecorder.drain` after the load and after each batch.
+:attr:`HandlerMetrics.records`; the worker takes them with
+:meth:`HandlerMetrics.drain` after the load and after each batch.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class CachingMetric:
 
     def __init__(
         self,
-        recorder: MetricsRecorder,
+        recorder: HandlerMetrics,
         name: str,
         unit: str,
         dimension_names: Sequence[str],
@@ -188,7 +188,7 @@ class CachingMetric:
         self.add_or_update(value, [d.value for d in dimensions], request_id)
 
 
-class MetricsRecorder:
+class HandlerMetrics:
     """``context.metrics``: TorchServe's metrics cache, recording every update.
 
     ``config`` supplies the metrics declared up front (its ``model_metrics``); None

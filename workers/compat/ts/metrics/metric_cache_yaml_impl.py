@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 
 from control.core.metrics_schema import MetricsConfig
-from workers.handling.metrics import MetricsRecorder, config_at
+from workers.handling.metrics import HandlerMetrics, config_at
 
 
-class MetricsCacheYamlImpl(MetricsRecorder):
+class MetricsCacheYamlImpl(HandlerMetrics):
     """The cache of the metrics.yaml at ``config_file_path``.
 
     As in TorchServe, the file is read here (raising ``MetricsConfigError`` when it
