@@ -163,12 +163,23 @@ class Server:
         return (self.home / "logs" / f"{name}.log").read_text(errors="replace")
 
     def respawned(self, name: str, old: psutil.Process, timeout: float = 60) -> psutil.Process:
-        """Wait until the launcher has recorded a new live process for ``name``."""
-        assert wait_until(
-            lambda: name in self.recorded() and self.recorded()[name].pid != old.pid, timeout
-        ), f"{name} was not restarted; launcher log:\n{self.log()}"
-        self.seen.append(self.recorded()[name])
-        return self.recorded()[name]
+        """Wait until the launcher has recorded a new live process for ``name``; that one.
+
+        The pid files are read once per check: the old process may die (or the new one
+        be replaced) between two reads.
+        """
+        found: list[psutil.Process] = []
+
+        def fresh() -> bool:
+            proc = self.recorded().get(name)
+            if proc is None or proc.pid == old.pid:
+                return False
+            found[:] = [proc]
+            return True
+
+        assert wait_until(fresh, timeout), f"{name} was not restarted; launcher log:\n{self.log()}"
+        self.seen.append(found[0])
+        return found[0]
 
     def key(self, role: str = "management") -> str:
         data = json.loads((self.home / "key_file.json").read_text())
