@@ -2,8 +2,10 @@
 
 ``lifecycle`` times synchronous register, scale and unregister calls (see
 :mod:`bench.lifecycle`); ``throughput`` measures predictions per second, latency and,
-given the server's pid, its memory (see :mod:`bench.throughput`). Results go to stdout
-as a table, or as JSON with ``--json``;
+given the server's pid, its memory (see :mod:`bench.throughput`); ``compare`` starts
+TorchServe 0.12 and mqserve side by side and prints each measure of both with the
+ratio (see :mod:`bench.compare`). Results go to stdout as a table, or as JSON with
+``--json``;
 progress and hints go to stderr. Exit status: 0 on success, 1 when the server answered
 something unexpected (the message says what), 2 for bad arguments.
 """
@@ -11,11 +13,14 @@ something unexpected (the message says what), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
-from bench import lifecycle, throughput
+from bench import compare, lifecycle, servers, throughput
 from bench.client import BenchError, Endpoint, read_key
 from bench.load import choose_client
 
@@ -70,6 +75,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -116,7 +131,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     life.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_throughput(commands)
+    _add_compare(commands)
     return parser
+
+
+def _add_compare(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    comp = commands.add_parser(
+        "compare",
+        help="TorchServe 0.12 and mqserve side by side: every measure, its ratio and target",
+        description="Start TorchServe 0.12.0 (from a virtualenv created once under the state "
+        "directory; Java 17 from the system) and mqserve on free ports with the same model "
+        "archive, measure both in ABBA order (noop throughput and latency, batching, "
+        "describe, slow clients, sync register and scale, idle worker RSS), stop both, and "
+        "print each measure with the ratio mqserve/TorchServe and the target.",
+    )
+    comp.add_argument(
+        "--only",
+        choices=compare.SERVERS,
+        help="measure one server only (no ratios; --only mqserve needs no TorchServe)",
+    )
+    comp.add_argument(
+        "--duration", type=positive_float, default=5.0, help="seconds per load run (5)"
+    )
+    comp.add_argument(
+        "--rounds", type=positive_int, default=1, help="ABBA rounds; figures are medians (1)"
+    )
+    comp.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="also write the machine description and the table as markdown to FILE",
+    )
+    comp.add_argument(
+        "--state-dir",
+        type=Path,
+        default=servers.DEFAULT_STATE_DIR,
+        help="where the TorchServe venv, the model store, homes and logs live (.bench)",
+    )
+    comp.add_argument(
+        "--client",
+        choices=("wrk", "python"),
+        help="load client (wrk when it is on PATH, else python)",
+    )
+    comp.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def _add_throughput(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -235,6 +292,41 @@ def run_throughput(args: argparse.Namespace) -> str:
     return throughput.format_report(results, plan, inference)
 
 
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    # SystemExit unwinds through the finally blocks that stop the servers.
+    raise SystemExit(128 + signum)
+
+
+def run_compare(args: argparse.Namespace) -> str:
+    """Run the side-by-side comparison for parsed ``args``; the report to print."""
+    client = choose_client(args.client, shutil.which("wrk"))
+    if client == "python" and args.client is None:
+        print("bench: wrk is not on PATH; loading with Python threads", file=sys.stderr)
+    plan = compare.ComparePlan(
+        servers=(args.only,) if args.only else compare.SERVERS,
+        duration=args.duration,
+        rounds=args.rounds,
+        client=client,
+        state_dir=args.state_dir.absolute(),
+    )
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        report = compare.run_compare(
+            plan, progress=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.markdown is not None:
+        args.markdown.write_text(
+            compare.format_markdown(report.rows, report.machine, report.samples)
+        )
+        print(f"bench: wrote {args.markdown}", file=sys.stderr)
+    if args.json:
+        return json.dumps(compare.as_dict(report), indent=2)
+    machine = "\n".join(f"{name}: {value}" for name, value in report.machine)
+    return machine + "\n\n" + compare.format_table(report.rows, report.samples.notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/bench``; returns the exit status."""
     parser = build_parser()
@@ -242,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lifecycle" and args.runs < 1:
         parser.error("--runs must be at least 1")
     try:
+        if args.command == "compare":
+            print(run_compare(args))
+            return 0
         if args.command == "lifecycle":
             report, hint = run_lifecycle(args), COMPARE_HINT
         else:

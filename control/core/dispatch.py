@@ -1,80 +1,127 @@
 """The API side of the request path: put a request on its model's queue, await the reply.
 
-One request costs two Redis round trips here: a Lua script that checks the registry
-revision, that a worker can take it and the queue bound, and pushes the frame (one
-atomic step), and a blocking pop of the reply list (no polling: the reply wakes the
-waiting thread). Workers take frames with BLMOVE, answer with LPUSH, and the
-supervisor answers for workers that die.
+Asynchronous, one :class:`Dispatcher` per API process and event loop. A request costs
+one Redis round trip to enqueue, and no thread and no connection while it waits:
 
-How long the API waits. As TorchServe: a request waits in the queue for as long as a
+* **Enqueue** (:data:`_PUSH`, one Lua script): resolve the version (the default when
+  none is named) from the registry itself, check that a worker can take it (the one
+  liveness rule, :data:`control.core.observed.SERVING`), enforce ``job_queue_size``, and
+  push the frame. Nothing is cached: a request is routed by the registry as it is when
+  the script runs, so once a set-default, scale or unregister call has returned, every
+  later request is routed by the new state (read your writes).
+* **Replies**: every request frame names this process's reply list
+  (``keys.replies(listener)``, ``reply_to``); workers push each reply there with its
+  request id. One listener task per process pops them in batches (BLMPOP) and resolves
+  the waiting requests' futures. The listener survives Redis errors (it pauses and
+  reconnects); a reply for nobody (its request already answered) is dropped.
+
+How long a request waits. As TorchServe: a request waits in the queue for as long as a
 worker that can take it exists, then its worker has ``response_timeout`` seconds for
 the batch, after which the supervisor kills the worker and answers "Worker died.".
-The API therefore sets no timeout of its own: it blocks in chunks of
-:data:`control.core.redis_io.BLOCK_CHUNK` seconds and between chunks asks Redis, in one
-script, whether the request is still alive (answered, queued while a worker can take
-it, or held by a live worker). A request left queued when no worker can take it any
-more is taken off the queue and answered 503 at once; a request nobody holds any more
-(its host vanished) is answered "Worker died." at once. Requests still queued when
-their version is unregistered are answered 503 by the unregister itself
-(:meth:`Dispatcher.refuse_queued`): their waiting threads wake at once.
+The API therefore sets no timeout of its own. Every
+:data:`control.core.redis_io.BLOCK_CHUNK` seconds a waiting request asks Redis, in one
+script (:data:`_ALIVE`), whether it is still alive: its reply is waiting in the reply
+list, a live worker holds it, or it is queued while a worker can take it. A request
+left queued when no worker can take it any more is taken off the queue and answered
+503 at once; a request found nowhere is answered "Worker died." (its host vanished, or
+Redis restarted without its data) once the listener has finished the pop in progress
+(a reply the listener has just popped is not in the list any more, and not resolved
+yet). Requests still queued when their version is unregistered are answered 503 by the
+unregister itself (:func:`refuse_queued`).
 
-Read your writes. Specs are cached per process with the registry revision they were
-read at (``keys.REVISION``); the push refuses a stale revision, and the request is
-routed again from a fresh read. Once a set-default, scale or unregister call has
-returned, every later request is routed by the new state.
+A Redis outage: a waiting request rides it out for :data:`REDIS_OUTAGE_WAIT` seconds
+(its frame and its worker's in-flight list live on in Redis, and its reply is kept),
+then is answered 503; an enqueue that fails goes up at once (the ports answer 503).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
+import redis.asyncio
 
 from control.core import keys
-from control.core.envelope import Part, Reply, Request, readable_id
+from control.core.envelope import (
+    FrameError,
+    Part,
+    Reply,
+    Request,
+    reply_address,
+    reply_prefix,
+)
 from control.core.errors import (
     InternalServerException,
-    ModelServerError,
+    ModelNotFoundException,
+    ModelVersionNotFoundException,
     ServiceUnavailableException,
 )
 from control.core.observed import SERVING
-from control.core.redis_io import block_for
-from control.core.registry import Registry, VersionRecord
+from control.core.redis_io import BLOCK_CHUNK
+
+log = logging.getLogger(__name__)
 
 _SERVING_STATES = sorted(state.value for state in SERVING)
 
-# KEYS: online queue, workers index, registry revision
-# ARGV: frame, capacity, worker key prefix, revision ('' = do not check), serving states...
+# Key names come from control.core.keys as prefixes (ARGV), completed here with the
+# version the script resolves: one Redis, not a cluster.
+# ARGV: model, version ('' = the default), frame ('' = resolve only), model key,
+#       version key prefix, workers key prefix, queue key prefix, worker key prefix,
+#       serving states...
+# Returns {code, version}: code >= 0 pushed (0 when resolving only), -1 no worker,
+# -2 queue full, -4 no such model, -5 no such version.
 _PUSH = """
-if ARGV[4] ~= '' and (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return -3 end
+local ver = ARGV[2]
+if ver == '' then
+  ver = redis.call('HGET', ARGV[4], 'default')
+  if not ver then return {-4, ''} end
+end
+local spec = redis.call('HGET', ARGV[5] .. ver, 'spec')
+if not spec then
+  if redis.call('EXISTS', ARGV[4]) == 0 then return {-4, ver} end
+  return {-5, ver}
+end
+if ARGV[3] == '' then return {0, ver} end
 local serving = {}
-for i = 5, #ARGV do serving[ARGV[i]] = true end
+for i = 9, #ARGV do serving[ARGV[i]] = true end
+local index = ARGV[6] .. ver
 local alive = false
-for _, wid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local state = redis.call('HGET', ARGV[3] .. wid, 'state')
+for _, wid in ipairs(redis.call('SMEMBERS', index)) do
+  local state = redis.call('HGET', ARGV[8] .. wid, 'state')
   if state then
     if serving[state] then alive = true break end
   else
-    redis.call('SREM', KEYS[2], wid)
+    redis.call('SREM', index, wid)
   end
 end
-if not alive then return -1 end
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -2 end
-return redis.call('LPUSH', KEYS[1], ARGV[1])
+if not alive then return {-1, ver} end
+local queue = ARGV[7] .. ver
+local capacity = tonumber(cjson.decode(spec)['job_queue_size']) or 100
+if redis.call('LLEN', queue) >= capacity then return {-2, ver} end
+return {redis.call('LPUSH', queue, ARGV[3]), ver}
 """
 
 # KEYS: reply list, online queue, workers index
-# ARGV: frame, worker key prefix, in-flight key prefix, serving states...
-# 1: alive (answered, held by a live worker, or queued while a worker can take it);
-# -1: queued with no worker left that can take it (taken off the queue); 0: lost.
+# ARGV: frame, worker key prefix, in-flight key prefix, reply header prefix,
+#       serving states...
+# 1: alive (its reply waits in the list, held by a live worker, or queued while a
+# worker can take it); -1: queued with no worker left that can take it (taken off the
+# queue); 0: found nowhere.
 _ALIVE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+local n = #ARGV[4]
+for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.sub(item, 5, 4 + n) == ARGV[4] then return 1 end
+end
 local serving = {}
-for i = 4, #ARGV do serving[ARGV[i]] = true end
+for i = 5, #ARGV do serving[ARGV[i]] = true end
 local can_serve = false
 for _, wid in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   local state = redis.call('HGET', ARGV[2] .. wid, 'state')
@@ -91,17 +138,16 @@ end
 return 0
 """
 
-_NO_WORKER, _QUEUE_FULL, _STALE = -1, -2, -3
-#: The ``reason`` of the reply :meth:`Dispatcher.refuse_queued` gives a queued request:
-#: the waiting API answers it as it answers "no worker" (TorchServe's 503).
+_NO_WORKER, _QUEUE_FULL, _NO_MODEL, _NO_VERSION = -1, -2, -4, -5
+#: The ``reason`` of the reply :func:`refuse_queued` gives a queued request: the
+#: waiting API answers it as it answers "no worker" (TorchServe's 503).
 VERSION_GONE = "version unregistered"
 #: How long a waiting request rides out a Redis outage before it is answered 503.
 REDIS_OUTAGE_WAIT = 30.0
 #: Pause between attempts while Redis is unreachable.
 OUTAGE_PAUSE = 0.5
-#: Attempts at pushing: the cached spec, a fresh read, then a fresh read unchecked (a
-#: registry that changes on every request must not starve it).
-_ATTEMPTS = 3
+#: Most replies one listener pop takes.
+LISTEN_BATCH = 256
 
 
 class NoWorker(ServiceUnavailableException):
@@ -121,66 +167,59 @@ class Delivery:
     version: str = ""
 
 
+def _raise_missing(code: int, model: str, version: str) -> None:
+    """The registry's 404s, in its words (``control.core.registry``)."""
+    if code == _NO_MODEL:
+        raise ModelNotFoundException(f"Model not found: {model}")
+    if code == _NO_VERSION:
+        raise ModelVersionNotFoundException(
+            f"Model version: {version} does not exist for model: {model}"
+        )
+
+
 class Dispatcher:
-    """Sends requests to model workers; thread-safe, one per API process.
+    """Sends requests to model workers and awaits their replies (see the module doc).
 
     ``client`` must return bytes (``decode_responses=False``): frames carry raw bytes.
+    Use it from one event loop; its listener task starts with the first request.
     """
 
-    def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        clock: Callable[[], float] = time.time,
+        listener: str | None = None,
+    ) -> None:
         self._r = client
         self._clock = clock
+        #: 128 random bits: no two API processes share a reply list.
+        self.listener_id = listener or secrets.token_hex(16)
+        self.replies = keys.replies(self.listener_id)
         self._push = client.register_script(_PUSH)
         self._alive = client.register_script(_ALIVE)
-        self._registry = Registry(client)
-        self._specs: dict[tuple[str, str | None], tuple[int, VersionRecord]] = {}
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Done when the listener's pop in progress has been handled (see _found_nowhere).
+        self._round: asyncio.Future[None] | None = None
 
-    def lookup(self, model: str, version: str | None, fresh: bool = False) -> VersionRecord:
-        """The registered version (default if None); TorchServe's 404s when unknown.
+    # -- routing --------------------------------------------------------------------
 
-        Served from this process's cache unless ``fresh``; :meth:`send` validates what
-        it routes by against the registry revision, so a stale entry is never used.
-        """
-        return self._route(model, version, fresh)[1]
+    def _route_args(self, model: str, version: str | None, frame: bytes) -> list[Any]:
+        return [
+            model, version or "", frame, keys.model(model), keys.version(model, ""),
+            keys.workers(model, ""), keys.online_queue(model, ""), keys.worker(""),
+            *_SERVING_STATES,
+        ]  # fmt: skip
 
-    def _route(self, model: str, version: str | None, fresh: bool) -> tuple[int, VersionRecord]:
-        cached = None if fresh else self._specs.get((model, version))
-        if cached is not None:
-            return cached
-        # The revision first: the record read after it is at least that new.
-        revision = self._registry.revision()
-        try:
-            record = self._registry.get(model, version)
-        except ModelServerError:  # gone: forget it, so that no caller sees it again
-            self._specs.pop((model, version), None)
-            raise
-        self._specs[(model, version)] = (revision, record)
-        return revision, record
+    async def lookup(self, model: str, version: str | None) -> str:
+        """The registered version (the default when None); TorchServe's 404s when unknown."""
+        code, resolved = await self._push(keys=[], args=self._route_args(model, version, b""))
+        ver = _text(resolved)
+        _raise_missing(int(code), model, ver)
+        return ver
 
-    def refuse_queued(self, model: str, version: str) -> int:
-        """Answer every request queued for ``model``/``version`` with "no worker" (503)
-        and empty its online queue; returns how many were answered.
-
-        Called while the version is being unregistered (its workers told to stop take
-        nothing more): the waiting API threads are woken now, not at their next
-        liveness check. A frame whose id cannot be read is just dropped.
-        """
-        queue = keys.online_queue(model, version)
-        pipe = self._r.pipeline(transaction=True)
-        pipe.lrange(queue, 0, -1)
-        pipe.delete(queue)
-        frames, _ = pipe.execute()
-        reply = Reply(status=503, reason=VERSION_GONE, error=VERSION_GONE).frame()
-        pipe = self._r.pipeline(transaction=False)
-        for frame in frames:
-            rid = readable_id(frame if isinstance(frame, bytes) else str(frame).encode())
-            if rid is not None:
-                pipe.lpush(keys.reply(rid), reply)
-                pipe.pexpire(keys.reply(rid), keys.REPLY_TTL_MS)
-        pipe.execute()
-        return len(frames)
-
-    def send(
+    async def send(
         self,
         model: str,
         version: str | None,
@@ -189,75 +228,173 @@ class Dispatcher:
         request_id: str | None = None,
         kind: str = "predict",
     ) -> Delivery:
-        """Queue one request for ``model`` (``version``, or the default) and wait for its reply.
+        """Queue one request for ``model`` (``version``, or the default) and await its reply.
 
         Raises the registry's 404s, :class:`NoWorker`, :class:`QueueFull`, or
-        InternalServerException("Worker died.") when the request was lost.
+        InternalServerException("Worker died.") when the request was lost. The worker
+        applies the model's ``clientTimeoutInMills`` (the frame's deadline is 0: this
+        side does not read the model's spec).
         """
         rid = request_id or uuid.uuid4().hex
-        for attempt in range(_ATTEMPTS):
-            revision, record = self._route(model, version, fresh=attempt > 0)
-            spec = record.spec
-            now = self._clock()
-            # clientTimeoutInMills: a request older than that when a worker takes it is
-            # not run (0: no limit, TorchServe's default).
-            limit = spec.client_timeout_ms / 1000.0
-            request = Request(
-                id=rid, model=spec.model_name, version=spec.version,
-                deadline=now + limit if limit > 0 else 0.0, enqueued=now, headers=headers,
-                parts=parts, kind=kind,
-            )  # fmt: skip
-            frame = request.frame()
-            checked = "" if attempt == _ATTEMPTS - 1 else str(revision)
-            pushed = int(self._push(
-                keys=[keys.online_queue(spec.model_name, spec.version),
-                      keys.workers(spec.model_name, spec.version), keys.REVISION],
-                args=[frame, spec.job_queue_size, keys.worker(""), checked, *_SERVING_STATES],
-            ))  # fmt: skip
-            if pushed != _STALE:
-                break
-        if pushed == _NO_WORKER:
-            raise NoWorker("no worker")
-        if pushed == _QUEUE_FULL:
-            raise QueueFull("queue full")
-        reply = self._await(request, frame)
-        queued = max(reply.dequeued - now, 0.0) if reply.dequeued else 0.0
-        return Delivery(reply, queued, spec.version)
-
-    def _await(self, request: Request, frame: bytes) -> Reply:
-        """Block for the reply for as long as the request is alive (see the module doc)."""
-        key = keys.reply(request.id)
-        verdict = 1
-        outage = _Outage()
-
-        def still_alive() -> bool:
-            nonlocal verdict
-            with outage.tolerated():
-                verdict = int(self._alive(
-                    keys=[key, keys.online_queue(request.model, request.version),
-                          keys.workers(request.model, request.version)],
-                    args=[frame, keys.worker(""), keys.inflight(""), *_SERVING_STATES],
-                ))  # fmt: skip
-            return verdict == 1
-
-        def pop(seconds: float) -> bytes | None:
-            popped = None
-            with outage.tolerated(pause=seconds):
-                popped = self._r.blpop([key], timeout=seconds)
-            if popped is None:
-                return None
-            frame = popped[1]
-            return frame if isinstance(frame, bytes) else frame.encode()
-
-        answer = block_for(pop, float("inf"), still_alive)
-        if answer is None:
-            if verdict == _NO_WORKER:
-                raise NoWorker("no worker left")
-            raise InternalServerException("Worker died.")
-        reply = Reply.parse(answer)
+        now = self._clock()
+        request = Request(
+            id=rid, model=model, version=version or "", deadline=0.0, enqueued=now,
+            headers=headers, parts=parts, kind=kind, reply_to=self.replies,
+        )  # fmt: skip
+        frame = request.frame()
+        self._ensure_listener()
+        waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        # Registered before the push: the reply can be popped before the push's answer
+        # is read.
+        self._waiting[rid] = waiter
+        try:
+            code, resolved = await self._push(keys=[], args=self._route_args(model, version, frame))
+            ver = _text(resolved)
+            code = int(code)
+            _raise_missing(code, model, ver)
+            if code == _NO_WORKER:
+                raise NoWorker("no worker")
+            if code == _QUEUE_FULL:
+                raise QueueFull("queue full")
+            reply = await self._await(request, ver, frame, waiter)
+        finally:
+            self._waiting.pop(rid, None)
         if reply.error is not None and reply.reason == VERSION_GONE:
             raise NoWorker("version unregistered")
-        return reply
+        queued = max(reply.dequeued - now, 0.0) if reply.dequeued else 0.0
+        return Delivery(reply, queued, ver)
+
+    async def _await(
+        self, request: Request, ver: str, frame: bytes, waiter: asyncio.Future[Reply]
+    ) -> Reply:
+        """The reply, checking every BLOCK_CHUNK seconds that the request lives."""
+        outage = _Outage()
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiter), BLOCK_CHUNK)
+            except TimeoutError:
+                pass
+            verdict = 1
+            async with outage.tolerated():
+                verdict = await self._check(request, ver, frame)
+            if verdict == 1 or waiter.done():
+                continue
+            if verdict == -1:
+                raise NoWorker("no worker left")
+            if not await self._found_nowhere(waiter):
+                continue
+            raise InternalServerException("Worker died.")
+
+    async def _check(self, request: Request, ver: str, frame: bytes) -> int:
+        return int(
+            await self._alive(
+                keys=[self.replies, keys.online_queue(request.model, ver),
+                      keys.workers(request.model, ver)],
+                args=[frame, keys.worker(""), keys.inflight(""), reply_prefix(request.id),
+                      *_SERVING_STATES],
+            )
+        )  # fmt: skip
+
+    async def _found_nowhere(self, waiter: asyncio.Future[Reply]) -> bool:
+        """After a "found nowhere" verdict: True when the reply still has not come once
+        the listener has handled the pop it had in progress (which may hold it)."""
+        current = self._round
+        if current is not None and not current.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(current)
+        return not waiter.done()
+
+    # -- the reply listener ---------------------------------------------------------
+
+    def _ensure_listener(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._task = loop.create_task(self._listen(), name="mqserve-reply-listener")
+
+    async def _listen(self) -> None:
+        """Pop this process's replies and resolve their requests, until cancelled."""
+        failing_since: float | None = None
+        while True:
+            loop = asyncio.get_running_loop()
+            self._round = loop.create_future()
+            try:
+                popped = await self._r.blmpop(
+                    BLOCK_CHUNK, 1, self.replies, direction="RIGHT", count=LISTEN_BATCH
+                )
+                failing_since = None
+                if popped:
+                    # BLMPOP's answer: [list name, [frames...]].
+                    self._resolve(cast(list[bytes], popped[1]))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("reply listener: Redis unavailable (%s); retrying", exc)
+                await asyncio.sleep(OUTAGE_PAUSE)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: log it, never let the listener die
+                log.exception("reply listener: unexpected error")
+                await asyncio.sleep(OUTAGE_PAUSE)
+            finally:
+                if not self._round.done():
+                    self._round.set_result(None)
+
+    def _resolve(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            try:
+                reply = Reply.parse(frame)
+            except FrameError as exc:
+                log.error("reply listener: dropping a malformed reply: %s", exc)
+                continue
+            waiter = self._waiting.get(reply.id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(reply)
+
+    async def close(self) -> None:
+        """Stop the listener (an API process shutting down); returns once it has stopped."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if task.get_loop() is not asyncio.get_running_loop():
+            task.cancel()  # another (or a closed) loop's task: nothing to wait for here
+            return
+        # Cancel until it has stopped: on Python 3.11, asyncio.wait_for (redis-py sends
+        # every command through it) swallows a cancellation that lands just as its inner
+        # future completes, and the listener would pop on. The caller's own cancellation
+        # is not swallowed here (asyncio.wait raises it).
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=OUTAGE_PAUSE)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def refuse_queued(client: redis.Redis, model: str, version: str) -> int:
+    """Answer every request queued for ``model``/``version`` with "no worker" (503)
+    and empty its online queue; returns how many were answered.
+
+    Called while the version is being unregistered (its workers told to stop take
+    nothing more): the waiting requests are answered now, not at their next liveness
+    check. ``client`` returns bytes. A frame whose id cannot be read is just dropped.
+    """
+    queue = keys.online_queue(model, version)
+    pipe = client.pipeline(transaction=True)
+    pipe.lrange(queue, 0, -1)
+    pipe.delete(queue)
+    frames, _ = pipe.execute()
+    reply = Reply(status=503, reason=VERSION_GONE, error=VERSION_GONE)
+    pipe = client.pipeline(transaction=False)
+    for frame in frames:
+        address = reply_address(frame if isinstance(frame, bytes) else str(frame).encode())
+        if address is not None:
+            rid, key = address
+            pipe.lpush(key, reply.to(rid).frame())
+            pipe.pexpire(key, keys.REPLY_TTL_MS)
+    pipe.execute()
+    return len(frames)
 
 
 class _Outage:
@@ -273,8 +410,8 @@ class _Outage:
         self._clock = clock
         self._since: float | None = None
 
-    @contextlib.contextmanager
-    def tolerated(self, pause: float = OUTAGE_PAUSE) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def tolerated(self) -> AsyncIterator[None]:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError):
@@ -282,6 +419,6 @@ class _Outage:
             self._since = now if self._since is None else self._since
             if now - self._since >= REDIS_OUTAGE_WAIT:
                 raise
-            time.sleep(min(pause, OUTAGE_PAUSE))
+            await asyncio.sleep(OUTAGE_PAUSE)
         else:
             self._since = None

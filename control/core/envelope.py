@@ -16,11 +16,14 @@ path: the handler's ``workers.handling.types.Parameter`` is this class, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+
+from control.core import keys
 
 _LEN = struct.Struct(">I")
 #: Largest header accepted; a header is metadata, not data.
@@ -81,6 +84,9 @@ class Request:
     parts: tuple[Part, ...] = ()
     #: ``predict`` or ``describe`` (customized metadata, always a batch of one).
     kind: str = "predict"
+    #: The reply list to answer on (an API process's shared list, ``keys.replies``);
+    #: ``""``: the request's own list, ``keys.reply(id)``. See :func:`reply_address`.
+    reply_to: str = ""
 
     def frame(self) -> bytes:
         header = {
@@ -89,7 +95,14 @@ class Request:
             "kind": self.kind,
             "parts": [[p.name, p.content_type, len(p.value)] for p in self.parts],
         }  # fmt: skip
+        if self.reply_to:
+            header["reply_to"] = self.reply_to
         return pack(header, b"".join(p.value for p in self.parts))
+
+    @property
+    def reply_key(self) -> str:
+        """The list this request's reply goes to."""
+        return self.reply_to or keys.reply(self.id)
 
     @classmethod
     def parse(cls, frame: bytes) -> Request:
@@ -126,6 +139,7 @@ class Request:
                 deadline=_number(header["deadline"], "deadline"),
                 enqueued=_number(header["enqueued"], "enqueued"),
                 headers=_headers(header["headers"]), parts=tuple(parts), kind=kind,
+                reply_to=_reply_to(header),
             )  # fmt: skip
         except KeyError as exc:
             raise FrameError(f"malformed request frame: {exc} is missing") from exc
@@ -144,9 +158,14 @@ class Reply:
     error: str | None = None
     #: Wall-clock seconds when a worker took the request (queue latency).
     dequeued: float = 0.0
+    #: The request answered: how a listener of a shared reply list routes it (first
+    #: in the header, so :func:`answers` can tell without parsing). ``""`` on a
+    #: request's own list.
+    id: str = ""
 
     def frame(self) -> bytes:
-        header = {
+        header: dict[str, Any] = {"id": self.id} if self.id else {}
+        header |= {
             "status": self.status, "reason": self.reason, "headers": self.headers,
             "content_type": self.content_type, "error": self.error, "dequeued": self.dequeued,
         }  # fmt: skip
@@ -170,7 +189,12 @@ class Reply:
             content_type=None if content_type is None else _text(content_type, "content type"),
             error=None if error is None else _text(error, "error"),
             dequeued=_number(header.get("dequeued", 0.0), "dequeued"),
+            id=_text(header.get("id", ""), "id"),
         )  # fmt: skip
+
+    def to(self, request_id: str) -> Reply:
+        """This reply addressed to ``request_id`` (for a shared reply list)."""
+        return dataclasses.replace(self, id=request_id)
 
 
 def request_id(header: dict[str, Any]) -> str:
@@ -181,16 +205,45 @@ def request_id(header: dict[str, Any]) -> str:
     return value
 
 
-def readable_id(frame: bytes) -> str | None:
-    """The id of a request frame that may not parse, when its header still names one.
+def answers(reply_frame: bytes, request_id: str) -> bool:
+    """Whether ``reply_frame`` (as :meth:`Reply.frame` makes it) answers ``request_id``.
 
-    Lets a worker tell the sender of a malformed frame (on ``keys.reply(id)``) instead
-    of leaving it to wait; None when not even the id can be read.
+    Cheap: a reply header begins with its id. The liveness check of a waiting request
+    (``control.core.dispatch``) does the same test in Lua over a shared reply list.
+    """
+    return reply_frame[_LEN.size :].startswith(reply_prefix(request_id))
+
+
+def reply_prefix(request_id: str) -> bytes:
+    """How the header of a reply to ``request_id`` begins."""
+    return b'{"id":' + json.dumps(request_id).encode()
+
+
+def reply_address(frame: bytes) -> tuple[str, str] | None:
+    """``(request id, reply list)`` of a request frame that may not parse, when its
+    header still names an id; None when not even the id can be read.
+
+    Lets a worker or supervisor answer a malformed or orphaned frame instead of leaving
+    its sender to wait. A ``reply_to`` that is not a reply list (``keys.REPLY_PREFIX``)
+    is ignored: a frame can never direct a write to any other key.
     """
     try:
-        return request_id(unpack(frame)[0])
+        header = unpack(frame)[0]
+        rid = request_id(header)
     except FrameError:
         return None
+    try:
+        target = _reply_to(header)
+    except FrameError:
+        target = ""
+    return rid, target or keys.reply(rid)
+
+
+def _reply_to(header: dict[str, Any]) -> str:
+    value = header.get("reply_to", "")
+    if not isinstance(value, str) or (value and not value.startswith(keys.REPLY_PREFIX)):
+        raise FrameError("reply_to is not a reply list")
+    return value
 
 
 def _text(value: Any, what: str) -> str:

@@ -22,10 +22,11 @@ Desired state
 ``mqs:d:seq``                    STRING registration sequence counter.
 ``mqs:d:rev``                    STRING registry revision: incremented by every write of desired
                                         state (register, scale, set-default, unregister), in
-                                        the same script. API processes cache what they read
-                                        with the revision it was read at, and the request push
-                                        refuses a stale one (``control.core.dispatch``): a write
-                                        that has returned is seen by every later request.
+                                        the same script; a cheap "has anything changed" for
+                                        readers. The request path caches nothing: its push
+                                        script reads the registry itself
+                                        (``control.core.dispatch``), so a write that has
+                                        returned is seen by every later request.
 ``mqs:events``                   PUBSUB channel; ``{name}:{ver}`` is published after every
                                         change of desired state (a nudge, never the only signal).
 
@@ -69,8 +70,12 @@ Two queues per model version; the names say which (``online_queue``, ``batch_que
                                         ``jobQueueStatus`` and ``mqserve_queue_depth`` count it.
 ``mqs:o:inflight:{wid}``         LIST   + TTL: requests worker ``wid`` took and has not
                                         answered; answered with "Worker died." if it dies.
-``mqs:r:{request_id}``           LIST   + TTL: the reply frame of one request; the API
-                                        BLPOPs it (no polling).
+``mqs:r:{request_id}``           LIST   + TTL: the reply frame of one request (callers that
+                                        wait on their own list: BLPOP, no polling).
+``mqs:r:p:{listener}``           LIST   + TTL: the replies to every request one API process
+                                        has waiting (``reply_to`` in the request frame; each
+                                        reply names its request id). One task per process
+                                        pops them all (``control.core.dispatch``).
 ``mqs.q.{name}.{ver}``           LIST   the BATCH queue: the model version's Celery queue
                                         (kombu's list of task messages): batch-job chunks and
                                         Celery-native ``mqserve.predict`` tasks. Counted by
@@ -181,9 +186,18 @@ def held(wid: str) -> str:
     return f"{PREFIX}:o:held:{wid}"
 
 
+#: Every reply list begins so: a request frame's ``reply_to`` must name one.
+REPLY_PREFIX = f"{PREFIX}:r:"
+
+
 def reply(request_id: str) -> str:
     """LIST holding the reply frame of one request."""
-    return f"{PREFIX}:r:{request_id}"
+    return f"{REPLY_PREFIX}{request_id}"
+
+
+def replies(listener: str) -> str:
+    """LIST of the replies to all requests of one API process (its reply listener)."""
+    return f"{REPLY_PREFIX}p:{listener}"
 
 
 def job(job_id: str) -> str:

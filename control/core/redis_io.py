@@ -19,7 +19,8 @@ A long-running process builds its clients once, at its edge (:func:`connect`: on
 decoding and one bytes client, one connection pool per role), and passes them down to
 everything in it that talks to Redis: a model worker (``workers.worker.process.main``), a
 supervisor (``workers.supervisor.run.run_supervisor``), an API process
-(``control.server.process_clients``). Celery's broker connections are kombu's own.
+(``control.server.process_clients``); an ASGI app's asyncio client comes from
+:func:`connect_async`, with the same timeouts. Celery's broker connections are kombu's own.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 CONNECT_TIMEOUT = 5.0
 SOCKET_TIMEOUT = 30.0
@@ -72,6 +76,30 @@ class Clients:
 def connect(url: str) -> Clients:
     """The two clients of one process; connects lazily (nothing is sent yet)."""
     return Clients(redis_client(url), redis_bytes_client(url))
+
+
+def connect_async(url: str, decode_responses: bool = False) -> redis.asyncio.Redis:
+    """An asyncio client (``redis.asyncio``, parsing with hiredis when installed) with the
+    same timeouts as the sync ones; returns ``bytes`` unless ``decode_responses``.
+
+    For the ASGI apps: one per event loop (a process's loop), built at its edge like the
+    sync clients, connecting lazily. Its pool is bound to the loop that first uses it.
+
+    One immediate retry on a connection error (``from_url`` sets none): after a Redis
+    restart every pooled connection is dead and fails its next command once; the retry
+    reconnects, so requests sent once Redis is back are served. The price: a command
+    whose connection broke after Redis ran it runs twice (a request frame pushed twice
+    is answered twice; the reply listener keeps the first).
+    """
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+        url,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=decode_responses,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        health_check_interval=HEALTH_CHECK_INTERVAL,
+    )
+    return client
 
 
 def _client(url: str, decode_responses: bool) -> redis.Redis:

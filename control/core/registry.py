@@ -250,7 +250,7 @@ class Registry:
             raise ModelVersionNotFoundException(
                 f"Model version: {ver} does not exist for model: {name}"
             )
-        return _record(raw, is_default=ver == default)
+        return parse_record(raw, is_default=ver == default)
 
     def all_versions(self, name: str) -> list[VersionRecord]:
         """Every version of ``name`` in registration order; 404 when unknown."""
@@ -260,7 +260,7 @@ class Registry:
         for ver in vers:
             pipe.hgetall(keys.version(name, ver))
         return [
-            _record(raw, is_default=ver == default)
+            parse_record(raw, is_default=ver == default)
             for ver, raw in zip(vers, pipe.execute(), strict=True)
             if raw
         ]
@@ -316,7 +316,8 @@ class Registry:
             raise InvalidModelVersionException(f"Cannot remove default version for model {name}")
 
 
-def _record(raw: dict[Any, Any], is_default: bool) -> VersionRecord:
+def parse_record(raw: dict[Any, Any], is_default: bool) -> VersionRecord:
+    """A version HASH as read (bytes or str values) as a :class:`VersionRecord`."""
     data = {text(k): text(v) for k, v in raw.items()}
     return VersionRecord(
         spec=ModelSpec.from_json(data["spec"]),

@@ -75,7 +75,8 @@ class Settings:
     #: interpreter per worker).
     worker_start_method: str = "fork"
     #: gunicorn processes of the inference and management ports (metrics runs one), and
-    #: threads per process on every port.
+    #: threads per process: the metrics port's gthread threads, and the management
+    #: routes' pool for blocking calls (both ASGI ports serve from one event loop).
     api_processes: int = 2
     api_threads: int = 16
     #: ``stop_grace`` (seconds): how long a stopping supervisor lets its workers finish
@@ -94,6 +95,10 @@ class Settings:
     #: ``model_metrics_auto_detect``: also show handler metrics the metrics.yaml does not
     #: declare, registered on first sight (TorchServe's default: off).
     model_metrics_auto_detect: bool = False
+    #: ``enable_access_log``: one line per request of the inference and management ports
+    #: in ``logs/access_<port>.log`` under :attr:`home` (as TorchServe writes its
+    #: access log to a file). Off by default: nobody asked for that work per request.
+    enable_access_log: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied."""
@@ -198,7 +203,12 @@ _STR_KEYS = {
     "metrics_address",
     "default_service_handler",
 }
-_BOOL_KEYS = {"enable_model_api", "disable_token_authorization", "model_metrics_auto_detect"}
+_BOOL_KEYS = {
+    "enable_model_api",
+    "disable_token_authorization",
+    "model_metrics_auto_detect",
+    "enable_access_log",
+}
 _ENV_REF = re.compile(r"\$\$([A-Za-z_][A-Za-z0-9_]*)\$\$")
 
 

@@ -5,21 +5,37 @@ rotation through ``GET /token``). Keys are 192-bit random strings (TorchServe's 
 48-bit); Redis holds only their SHA-256 digests and expiry times, shared by every API
 process; the plaintext goes to the operator's key file (mode 0600) and nowhere else.
 Comparison is constant-time. Failures are TorchServe's 400 ``InvalidKeyException``.
+
+Each API process checks keys against its own copy of the digests and expiry times
+(:class:`TokenAuth`), not with a Redis read per request. The copy follows rotations:
+
+* the process that rotates a key replaces its copy before it answers;
+* in any other process a key it does not know makes it re-read the digests once before
+  refusing, so a freshly rotated key works everywhere at once;
+* the copy is re-read when it is older than :data:`REFRESH_S` (one second), so a key
+  rotated away stops working in every process within a second of the rotation.
+
+Expiry is checked against the clock on every request, from the copied expiry time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import falcon
+import falcon.asgi
 import redis
+import redis.asyncio
 from redis.typing import EncodableT, FieldT
 
 from control.core import keys
@@ -36,6 +52,8 @@ ROLES = ("management", "inference", "API")
 #: Bytes of randomness per key: 24 bytes = 192 bits, URL-safe base64 (32 characters).
 KEY_BYTES = 24
 _BEARER = re.compile(r"^Bearer\s+(\S+)$")
+#: The longest a process goes on trusting its copy of the digests (module docstring).
+REFRESH_S = 1.0
 
 
 def digest(key: str) -> str:
@@ -87,7 +105,8 @@ class KeyStore:
         return key
 
     def verify(self, role: str, presented: str | None) -> bool:
-        """True when ``presented`` is the role's current, unexpired key."""
+        """True when ``presented`` is the role's current, unexpired key (one Redis read;
+        the HTTP ports use :class:`TokenAuth`'s copy instead)."""
         if not presented:
             return False
         stored, expires = self._r.hmget(keys.AUTH, [role, f"{role}:expires"])
@@ -97,6 +116,14 @@ class KeyStore:
         if expires is not None and float(expires) < self._clock():
             return False
         return ok
+
+    def now(self) -> float:
+        """The wall clock keys expire by (epoch seconds)."""
+        return self._clock()
+
+    def snapshot(self) -> KeyDigests:
+        """Every role's digest and expiry time, read from Redis at once."""
+        return KeyDigests.parse(self._r.hgetall(keys.AUTH))
 
     # -- the operator's key file --------------------------------------------------------
 
@@ -122,6 +149,33 @@ class KeyStore:
         return {role: entry["key"] for role, entry in data.items() if "key" in entry}
 
 
+@dataclass(frozen=True)
+class KeyDigests:
+    """A copy of ``mqs:auth``: role -> (SHA-256 hex digest, expiry epoch or None)."""
+
+    roles: Mapping[str, tuple[str, float | None]]
+
+    @classmethod
+    def parse(cls, raw: Mapping[Any, Any]) -> KeyDigests:
+        """From the HASH as read (bytes or str, either client)."""
+        data = {text(k): text(v) for k, v in raw.items()}
+        roles: dict[str, tuple[str, float | None]] = {}
+        for role in ROLES:
+            if role in data:
+                expires = data.get(f"{role}:expires")
+                roles[role] = (data[role], None if expires is None else float(expires))
+        return cls(roles)
+
+    def verify(self, role: str, presented: str, now: float) -> bool:
+        """True when ``presented`` is ``role``'s key in this copy and unexpired at ``now``."""
+        entry = self.roles.get(role)
+        if entry is None:
+            return False
+        stored, expires = entry
+        ok = hmac.compare_digest(digest(presented), stored)
+        return ok and (expires is None or expires >= now)
+
+
 def bearer(req: falcon.Request) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header, if well-formed."""
     header = req.get_header("Authorization")
@@ -132,35 +186,99 @@ def bearer(req: falcon.Request) -> str | None:
 
 
 class TokenAuth:
-    """Falcon middleware: checks the port's role key before any routing.
+    """Falcon ASGI middleware: checks the port's role key before any routing.
 
     ``OPTIONS /`` and ``/api-description`` are exempt, as in TorchServe, and so are
     the paths in ``exempt`` (health probes cannot carry secrets). ``GET /token`` is
     answered here, authenticated with the API key.
+
+    Keys are checked against this process's copy of the digests, refreshed as the module
+    docstring says: a rotated-in key works at once, a rotated-away key stops working
+    within :data:`REFRESH_S`. The copy is read with ``client`` (an asyncio client of
+    the same Redis) when given, else with the key store's client in a thread; either
+    way at most one read is in flight per process, shared by the requests waiting on it.
+    ``monotonic`` times the copy's age (tests pass a fake clock).
     """
 
-    def __init__(self, store: KeyStore, role: str, exempt: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        role: str,
+        exempt: frozenset[str] = frozenset(),
+        client: redis.asyncio.Redis | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._role = role
         self._exempt = exempt
+        self._client = client
+        self._monotonic = monotonic
+        self._copy = KeyDigests({})
+        #: When the copy was read (``monotonic``); -inf: never, so the first check reads.
+        self._read_at = float("-inf")
+        #: Reads of the copy begun so far. A request that needs a fresher copy than the one
+        #: it found shares any read begun after it arrived, and starts one otherwise.
+        self._started = 0
+        self._lock = asyncio.Lock()
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         path = req.path.rstrip("/") or "/"
         if (req.method == "OPTIONS" and path == "/") or path == "/api-description":
             return
         if path in self._exempt:
             return
         if self._role == "management" and path == "/token":
-            self._rotate(req, resp)
+            await self._rotate(req, resp)
             return
-        if not self._store.verify(self._role, bearer(req)):
+        if not await self.verify(self._role, bearer(req)):
             raise InvalidKeyException(AUTHORIZATION_FAILED)
 
-    def _rotate(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def verify(self, role: str, presented: str | None) -> bool:
+        """True when ``presented`` is ``role``'s current, unexpired key."""
+        if not presented:
+            return False
+        seen = self._started
+        if self._stale():
+            await self._refresh(seen, stale_only=True)
+        if self._copy.verify(role, presented, self._store.now()):
+            return True
+        # Unknown here, but perhaps rotated in by another process since the copy was read:
+        # read again, unless a read begun since this request arrived already has.
+        await self._refresh(seen)
+        return self._copy.verify(role, presented, self._store.now())
+
+    def _stale(self) -> bool:
+        return self._monotonic() - self._read_at > REFRESH_S
+
+    async def _refresh(self, seen: int | None, stale_only: bool = False) -> None:
+        """Re-read the copy, unless a read began after the caller found ``seen`` reads
+        begun (requests waiting together share it), or, with ``stale_only``, the copy is
+        no longer stale (a read in flight when it arrived is recent enough); ``None``:
+        read regardless."""
+        async with self._lock:
+            if seen is not None and self._started != seen:
+                return
+            if stale_only and not self._stale():
+                return
+            self._started += 1
+            began = self._monotonic()
+            try:
+                if self._client is not None:
+                    copy = KeyDigests.parse(await self._client.hgetall(keys.AUTH))
+                else:
+                    copy = await asyncio.to_thread(self._store.snapshot)
+            except BaseException:
+                self._started -= 1  # nothing was read: who waited on it reads again
+                raise
+            self._copy, self._read_at = copy, began
+
+    async def _rotate(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         role = req.get_param("type")
-        if role not in ("management", "inference") or not self._store.verify("API", bearer(req)):
+        if role not in ("management", "inference") or not await self.verify("API", bearer(req)):
             raise InvalidKeyException(AUTHENTICATION_FAILED)
-        self._store.rotate(role)
+        # Redis writes and the key file: off the event loop.
+        await asyncio.to_thread(self._store.rotate, role)
+        await self._refresh(None)  # a read begun before the rotation would miss it
         resp.status = 200
         resp.content_type = "application/json"
         resp.data = b"\n"

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import falcon
+import falcon.asgi
 import orjson
 import redis
 
@@ -64,7 +65,12 @@ def segments(path: str) -> list[str]:
 
 
 class CommonHeaders:
-    """Falcon middleware adding TorchServe's per-response headers."""
+    """Falcon middleware adding TorchServe's per-response headers (WSGI and ASGI).
+
+    ``Connection: close`` from 400 up also makes the server close the socket:
+    uvicorn honours the header an ASGI app sets (for the WSGI metrics port,
+    :func:`close_on_error` asks gunicorn to).
+    """
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool
@@ -78,9 +84,21 @@ class CommonHeaders:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.request_id = str(uuid.uuid4())
 
+    async def process_response_async(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool
+    ) -> None:
+        self.process_response(req, resp, resource, ok)
+
+    async def process_request_async(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.process_request(req, resp)
+
 
 class RequestSizeLimit:
-    """Refuse bodies over ``max_request_size`` with a bare 413, before any other work."""
+    """Refuse bodies over ``max_request_size`` with a bare 413, before any other work.
+
+    Only a declared ``Content-Length`` can be refused here; a chunked body is bounded
+    while it is read (:func:`read_body`).
+    """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -89,20 +107,30 @@ class RequestSizeLimit:
         if req.content_length is not None and req.content_length > self._limit:
             raise falcon.HTTPContentTooLarge()
 
+    async def process_request_async(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.process_request(req, resp)
 
-def read_body(req: falcon.Request, limit: int) -> bytes:
+
+async def read_body(req: falcon.asgi.Request, limit: int) -> bytes:
     """The request body, at most ``limit`` (``max_request_size``) bytes.
 
     A longer one is a bare 413, as TorchServe answers it (``falcon.HTTPContentTooLarge``,
     which :func:`new_app` renders without a body): at once when ``Content-Length`` says
-    so, else after reading ``limit + 1`` bytes, never more (a chunked body has no length).
+    so, else as soon as more than ``limit`` bytes have arrived, without reading the
+    rest (a chunked body has no length; the server decodes its chunks). The body
+    arrives as the client sends it: a slow client costs a suspended coroutine, never
+    a thread.
     """
     if req.content_length is not None and req.content_length > limit:
         raise falcon.HTTPContentTooLarge()
-    body: bytes = req.bounded_stream.read(limit + 1)
-    if len(body) > limit:
-        raise falcon.HTTPContentTooLarge()
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in req.stream:
+        size += len(chunk)
+        if size > limit:
+            raise falcon.HTTPContentTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def render_error(req: falcon.Request, resp: falcon.Response, exc: ModelServerError) -> None:
@@ -150,16 +178,40 @@ def _handle_unexpected(
     render_error(req, resp, InternalServerException("Internal Server Error"))
 
 
-def new_app(middleware: Iterable[Any]) -> falcon.App[falcon.Request, falcon.Response]:
-    """A Falcon app with TorchServe's headers and error bodies wired in."""
-    app = falcon.App(middleware=[CommonHeaders(), *middleware])
-    app.add_error_handler(Exception, _handle_unexpected)
+def _add_error_handlers(app: Any, wrap: Callable[[Any], Any]) -> None:
+    app.add_error_handler(Exception, wrap(_handle_unexpected))
     # Only an unreachable Redis (BusyLoadingError is a ConnectionError); a Redis error
     # about the data itself is a server bug: the generic 500 below.
-    app.add_error_handler(redis.ConnectionError, _handle_redis_down)
-    app.add_error_handler(redis.TimeoutError, _handle_redis_down)
-    app.add_error_handler(falcon.HTTPError, _handle_http_error)
-    app.add_error_handler(ModelServerError, _handle_model_error)
+    app.add_error_handler(redis.ConnectionError, wrap(_handle_redis_down))
+    app.add_error_handler(redis.TimeoutError, wrap(_handle_redis_down))
+    app.add_error_handler(falcon.HTTPError, wrap(_handle_http_error))
+    app.add_error_handler(ModelServerError, wrap(_handle_model_error))
+
+
+def _awaitable(handler: Callable[..., None]) -> Callable[..., Any]:
+    """An ASGI app's error handlers are coroutines; these ones never block."""
+
+    async def handle(req: Any, resp: Any, exc: Any, params: dict[str, Any], **_: Any) -> None:
+        handler(req, resp, exc, params)
+
+    return handle
+
+
+def new_app(
+    middleware: Iterable[Any],
+) -> falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]:
+    """An ASGI Falcon app (the inference and management ports) with TorchServe's
+    headers and error bodies wired in. ``middleware`` must offer ASGI methods
+    (``process_request_async`` etc., or ``async def process_request``)."""
+    app = falcon.asgi.App(middleware=[CommonHeaders(), *middleware])
+    _add_error_handlers(app, _awaitable)
+    return app
+
+
+def new_wsgi_app(middleware: Iterable[Any]) -> falcon.App[falcon.Request, falcon.Response]:
+    """A WSGI Falcon app (the metrics port) with the same headers and error bodies."""
+    app = falcon.App(middleware=[CommonHeaders(), *middleware])
+    _add_error_handlers(app, lambda handler: handler)
     return app
 
 

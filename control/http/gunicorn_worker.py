@@ -1,9 +1,12 @@
 """gunicorn's gthread worker, answering requests it cannot parse in TorchServe's JSON.
 
+The metrics port (8082) runs it; the inference and management ports run uvicorn's ASGI
+worker with the same limits and errors (``control.http.asgi_worker``).
+
 gunicorn refuses a malformed request, or one past its limits, before any application
 code runs, and answers with an HTML page. :class:`JsonErrorWorker` lets gunicorn decide
 and log as it always does, then sends the same status as a TorchServe-shaped error
-(``{"code", "type", "message"}``, TorchServe's headers, ``Connection: close``):
+(``control.http.limits.error_response``):
 
 * a request line longer than :data:`MAX_REQUEST_LINE` bytes: 414;
 * a header field longer than :data:`MAX_HEADER_FIELD` bytes, or more than
@@ -13,7 +16,7 @@ and log as it always does, then sends the same status as a TorchServe-shaped err
 
 The limits are Netty's defaults, as TorchServe runs it (longest initial line 4096,
 headers 8192 bytes): :data:`LIMIT_ARGS` passes them on gunicorn's command line, where
-``control.stack.children.api_child`` runs every API port with ``-k`` :data:`WORKER_CLASS`.
+``control.stack.children.api_child`` runs the metrics port with ``-k`` :data:`WORKER_CLASS`.
 """
 
 from __future__ import annotations
@@ -21,24 +24,37 @@ from __future__ import annotations
 import re
 import socket
 import time
-import uuid
-from http import HTTPStatus
 from typing import Any
 
 from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
 from gunicorn.workers.gthread import ThreadWorker
 
-from control.http.common import NO_CACHE_HEADERS, dumps
+from control.http.limits import (
+    DRAIN_BYTES,
+    DRAIN_SECONDS,
+    HEADERS_TOO_LARGE,
+    LINE_TOO_LONG,
+    MAX_HEADER_FIELD,
+    MAX_HEADER_FIELDS,
+    MAX_REQUEST_LINE,
+    SERVER_ERROR,
+    error_response,
+    invalid_request,
+)
 
-#: Netty's (TorchServe's) longest initial request line, in bytes.
-MAX_REQUEST_LINE = 4096
-#: Longest header field (name, colon and value, without its CRLF), in bytes: Netty's
-#: header size limit. gunicorn counts the CRLF too, hence the ``+ 2`` below.
-MAX_HEADER_FIELD = 8192
-#: Most header fields in one request (gunicorn's default).
-MAX_HEADER_FIELDS = 100
+__all__ = [
+    "LIMIT_ARGS",
+    "MAX_HEADER_FIELD",
+    "MAX_HEADER_FIELDS",
+    "MAX_REQUEST_LINE",
+    "WORKER_CLASS",
+    "JsonErrorWorker",
+    "error_message",
+    "error_response",
+]
 
 WORKER_CLASS = "control.http.gunicorn_worker.JsonErrorWorker"
+#: gunicorn counts a header field's CRLF too, hence the ``+ 2``.
 LIMIT_ARGS = (
     "--limit-request-line", str(MAX_REQUEST_LINE),
     "--limit-request-field_size", str(MAX_HEADER_FIELD + 2),
@@ -46,11 +62,6 @@ LIMIT_ARGS = (
 )  # fmt: skip
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3}) ")
-#: After the error is sent, what the client still sends is read and dropped, for at most
-#: this long and this much: closing a socket with unread data makes the kernel answer
-#: with a reset, which can destroy the response before the client has read it.
-_DRAIN_SECONDS = 1.0
-_DRAIN_BYTES = 1024 * 1024
 
 
 class _Capture:
@@ -93,42 +104,20 @@ class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no ty
 def error_message(exc: BaseException, status: int) -> str:
     """The ``message`` of the JSON error for ``exc``."""
     if isinstance(exc, LimitRequestLine):
-        return f"The request line is longer than {MAX_REQUEST_LINE} bytes."
+        return LINE_TOO_LONG
     if isinstance(exc, LimitRequestHeaders):
-        return (
-            f"The request headers are too large (at most {MAX_HEADER_FIELDS} fields of "
-            f"at most {MAX_HEADER_FIELD} bytes each)."
-        )
+        return HEADERS_TOO_LARGE
     if status >= 500:
-        return "Error while handling the request."
-    return f"Invalid HTTP request: {str(exc)[:200]}"
-
-
-def error_response(status: int, message: str) -> bytes:
-    """A complete HTTP/1.1 response carrying TorchServe's error body and headers."""
-    type_ = "InternalServerException" if status >= 500 else "BadRequestException"
-    body = dumps({"code": status, "type": type_, "message": message})
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Error"
-    headers = {
-        "content-type": "application/json",
-        "content-length": str(len(body)),
-        "x-request-id": str(uuid.uuid4()),
-        **NO_CACHE_HEADERS,
-        "connection": "close",
-    }
-    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return head.encode("latin-1") + b"\r\n" + body
+        return SERVER_ERROR
+    return invalid_request(str(exc))
 
 
 def _drain(client: socket.socket) -> None:
     """Half-close, then read what the client still sends (bounded), so that closing does
     not reset the connection before the client has read the response."""
     client.shutdown(socket.SHUT_WR)
-    deadline = time.monotonic() + _DRAIN_SECONDS
-    left = _DRAIN_BYTES
+    deadline = time.monotonic() + DRAIN_SECONDS
+    left = DRAIN_BYTES
     while left > 0:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

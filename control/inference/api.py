@@ -4,10 +4,15 @@ Routing mirrors TorchServe's ``InferenceRequestHandler`` (segment rules, KServe 
 ``url_path`` from extra segments). A request becomes one frame on its model version's
 queue (:mod:`control.core.dispatch`); the worker's reply carries the handler's status,
 headers, content type and raw body, which are sent back as they are.
+
+The app is ASGI: a request waiting for its body or its reply is a suspended coroutine,
+so slow or idle clients cost no thread. A model that is unknown is a 404 once the
+body has been read (the enqueue script resolves the version: one round trip).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from collections.abc import Callable
@@ -15,6 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, parse_qsl
 
 import falcon
+import falcon.asgi
 
 from control.core.dispatch import Dispatcher, NoWorker, QueueFull
 from control.core.envelope import Part, Reply
@@ -42,6 +48,10 @@ def no_worker_message(model: str, version: str | None) -> str:
     return f'Model "{model}" Version {version}" {NO_WORKER}'
 
 
+Req = falcon.asgi.Request
+Resp = falcon.asgi.Response
+
+
 class Recorder(Protocol):
     """Where per-model inference metrics go (``control.metrics.recorder.MetricsRecorder``)."""
 
@@ -65,76 +75,78 @@ class InferenceRoutes:
         self._health = health
         self._recorder = recorder
 
-    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+    async def __call__(self, req: Req, resp: Resp | None, **_: Any) -> None:
+        assert resp is not None  # None only for WebSocket requests, which are not routed here
         segs = segments(req.path)
         head = segs[1] if len(segs) > 1 else ""
         if len(segs) <= 1 or head == "api-description":
             self._describe_api(req, resp, segs)
         elif head == "ping":
-            healthy = self._health()
+            # The health rule reads Redis synchronously (shared with the CLI): a thread.
+            healthy = await asyncio.to_thread(self._health)
             send_json(
                 resp, {"status": "Healthy" if healthy else "Unhealthy"}, 200 if healthy else 500
             )
         elif head in ("predictions", "explanations"):
-            self._predictions(req, resp, segs, explain=head == "explanations")
+            await self._predictions(req, resp, segs, explain=head == "explanations")
         elif head == "invocations" or (len(segs) == 4 and head == "models"):
-            self._invocations(req, resp, segs)
+            await self._invocations(req, resp, segs)
         elif len(segs) in (3, 4) and segs[-1] == "predict":
-            self._predict(req, resp, segs[1], segs[2] if len(segs) == 4 else None, query=True)
+            await self._predict(req, resp, segs[1], segs[2] if len(segs) == 4 else None, query=True)
         elif (
             len(segs) == 4
             and head == "v1"
             and segs[2] == "models"
             and (":predict" in segs[3] or ":explain" in segs[3])
         ):
-            self._predict(req, resp, segs[3].split(":")[0], None, explain=":explain" in segs[3])
+            await self._predict(
+                req, resp, segs[3].split(":")[0], None, explain=":explain" in segs[3]
+            )
         elif (
             len(segs) == 5
             and head == "v2"
             and segs[2] == "models"
             and (segs[4] in ("infer", "explain"))
         ):
-            self._predict(req, resp, segs[3], None, explain=segs[4] == "explain")
+            await self._predict(req, resp, segs[3], None, explain=segs[4] == "explain")
         else:
             raise ResourceNotFoundException()
 
-    def _describe_api(self, req: falcon.Request, resp: falcon.Response, segs: list[str]) -> None:
+    def _describe_api(self, req: Req, resp: Resp, segs: list[str]) -> None:
         if req.method == "OPTIONS" or (len(segs) > 1 and segs[1] == "api-description"):
             send_json(resp, load_description("inference"))
         else:
             raise ResourceNotFoundException()
 
-    def _predictions(
-        self, req: falcon.Request, resp: falcon.Response, segs: list[str], explain: bool
-    ) -> None:
+    async def _predictions(self, req: Req, resp: Resp, segs: list[str], explain: bool) -> None:
         if len(segs) < 3:
             raise ResourceNotFoundException()
         model = segs[2]
         version = segs[3] if len(segs) >= 4 else None
         if req.method == "OPTIONS":
-            self._dispatch.lookup(model, version, fresh=True)
+            await self._dispatch.lookup(model, version)
             description = load_description("inference")
             description["info"]["title"] = f"{description['info']['title']}: {model}"
             send_json(resp, description)
             return
-        self._predict(req, resp, model, version, explain=explain, url_path="/".join(segs[4:]))
+        await self._predict(req, resp, model, version, explain=explain, url_path="/".join(segs[4:]))
 
-    def _invocations(self, req: falcon.Request, resp: falcon.Response, segs: list[str]) -> None:
+    async def _invocations(self, req: Req, resp: Resp, segs: list[str]) -> None:
         if segs[1] == "models":  # /models/{model}/invoke
             if segs[3] != "invoke":
                 raise ResourceNotFoundException()
-            self._predict(req, resp, segs[2], None, query=True)
+            await self._predict(req, resp, segs[2], None, query=True)
             return
         query = parse_qs(req.query_string, keep_blank_values=True)
         name = (query.get("model_name") or [""])[0]
         if not name:
             raise BadRequestException("Parameter model_name is required.")
-        self._predict(req, resp, name, None, query=True)
+        await self._predict(req, resp, name, None, query=True)
 
-    def _predict(
+    async def _predict(
         self,
-        req: falcon.Request,
-        resp: falcon.Response,
+        req: Req,
+        resp: Resp,
         model: str,
         version: str | None,
         explain: bool = False,
@@ -142,13 +154,14 @@ class InferenceRoutes:
         query: bool = False,
     ) -> None:
         started = time.monotonic()
-        self._dispatch.lookup(model, version)  # TorchServe's 404s before reading the body
         headers = {k.lower(): v for k, v in req.headers.items()}
         headers["explain"] = "True" if explain else "False"
         headers["url_path"] = url_path
-        parts = read_parts(req, self._settings.max_request_size, query)
+        parts = await read_parts(req, self._settings.max_request_size, query)
         try:
-            outcome = self._dispatch.send(model, version, parts, headers, req.context.request_id)
+            outcome = await self._dispatch.send(
+                model, version, parts, headers, req.context.request_id
+            )
         except NoWorker:
             raise ServiceUnavailableException(no_worker_message(model, version)) from None
         except QueueFull:
@@ -164,7 +177,7 @@ class InferenceRoutes:
                 model, version or "default", elapsed_us, outcome.queue_seconds * 1e6
             )
 
-    def _queue_full(self, resp: falcon.Response, model: str, version: str | None) -> None:
+    def _queue_full(self, resp: Resp, model: str, version: str | None) -> None:
         if self._settings.queue_full_status == 429:
             # Honest back-pressure for clients that asked for it: retry shortly.
             resp.set_header("Retry-After", "1")
@@ -174,7 +187,7 @@ class InferenceRoutes:
         raise ServiceUnavailableException(no_worker_message(model, version))
 
 
-def read_parts(req: falcon.Request, limit: int, with_query: bool) -> tuple[Part, ...]:
+async def read_parts(req: Req, limit: int, with_query: bool) -> tuple[Part, ...]:
     """TorchServe's decoding: form fields as parameters, else the whole body as ``body``.
 
     Values reach the handler as the exact bytes the client sent, whatever they are:
@@ -199,7 +212,7 @@ def read_parts(req: falcon.Request, limit: int, with_query: bool) -> tuple[Part,
     parts: list[Part] = []
     if with_query:  # only /invocations, /models/{m}/invoke and legacy /{m}/predict
         parts.extend(_form_fields(_wsgi_bytes(req.query_string)))
-    body = read_body(req, limit)
+    body = await read_body(req, limit)
     if mime == "multipart/form-data":
         parts.extend(_multipart_fields(req, body, content_type))
     elif mime == "application/x-www-form-urlencoded":
@@ -210,10 +223,11 @@ def read_parts(req: falcon.Request, limit: int, with_query: bool) -> tuple[Part,
 
 
 def _wsgi_bytes(text: str) -> bytes:
-    """The raw bytes behind a WSGI string (PEP 3333 carries them as latin-1 text)."""
+    """The raw bytes of the query string: Falcon's ASGI request decodes the server's
+    bytes as latin-1 (as PEP 3333 does), so encoding back yields them exactly."""
     try:
         return text.encode("latin-1")
-    except UnicodeEncodeError:  # not from a WSGI server (e.g. a test client's str)
+    except UnicodeEncodeError:  # not from a server (e.g. a test client's str)
         return text.encode("utf-8")
 
 
@@ -232,11 +246,13 @@ def _form_fields(raw: bytes) -> list[Part]:
     return [Part(name, "", value) for name, value in fields.items()]
 
 
-def _multipart_fields(req: falcon.Request, body: bytes, content_type: str) -> list[Part]:
-    """The parts of a ``multipart/form-data`` body, raw, with TorchServe's content types."""
-    handler = req.options.media_handlers.get(falcon.MEDIA_MULTIPART)
-    if not isinstance(handler, falcon.media.MultipartFormHandler):
-        handler = falcon.media.MultipartFormHandler()
+def _multipart_fields(req: Req, body: bytes, content_type: str) -> list[Part]:
+    """The parts of a ``multipart/form-data`` body, raw, with TorchServe's content types.
+
+    The body is already in memory (bounded by ``max_request_size``), so Falcon's
+    synchronous multipart parser reads it from a buffer.
+    """
+    handler = falcon.media.MultipartFormHandler()
     parts = []
     for part in handler.deserialize(io.BytesIO(body), content_type, len(body)):
         try:
@@ -248,7 +264,7 @@ def _multipart_fields(req: falcon.Request, body: bytes, content_type: str) -> li
     return parts
 
 
-def write_reply(resp: falcon.Response, reply: Reply) -> None:
+def write_reply(resp: Resp, reply: Reply) -> None:
     """The handler's status, headers, content type (only if set) and raw body."""
     resp.status = f"{reply.status} {reply.reason}" if reply.reason else reply.status
     for name, value in reply.headers.items():
@@ -257,15 +273,26 @@ def write_reply(resp: falcon.Response, reply: Reply) -> None:
     resp.data = reply.body
 
 
+class _StopListener:
+    """ASGI lifespan: stop the dispatcher's reply listener when the server shuts down
+    (after in-flight requests have been answered), so no task is left pending."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def process_shutdown(self, scope: dict[str, Any], event: dict[str, Any]) -> None:
+        await self._dispatcher.close()
+
+
 def create_inference_app(
     settings: Settings,
     dispatcher: Dispatcher,
     health: Callable[[], bool],
     middleware: list[Any],
     recorder: Recorder | None = None,
-) -> falcon.App[falcon.Request, falcon.Response]:
-    """The WSGI app of port 8080; ``middleware`` carries token auth and counters."""
-    app = new_app(middleware)
+) -> falcon.asgi.App[Req, Resp]:
+    """The ASGI app of port 8080; ``middleware`` carries token auth and counters."""
+    app = new_app([*middleware, _StopListener(dispatcher)])
     # TorchServe sets no Content-Type on predictions unless the handler does.
     app.resp_options.default_media_type = None  # type: ignore[assignment]
     app.add_sink(InferenceRoutes(settings, dispatcher, health, recorder), prefix="/")

@@ -13,14 +13,19 @@ A submission body is a JSON array (``Content-Type: application/json``) or JSON L
 (``application/jsonl``, ``application/x-ndjson``, ``application/jsonlines`` or
 ``text/plain``); each element or non-blank line is one input, handed to the model as
 an ``application/json`` body.
+
+The resources are ASGI (the inference port's app); the job store is synchronous Redis
+and Celery, so its calls run in a worker thread and never block the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import parse_qs
 
 import falcon
+import falcon.asgi
 import orjson
 
 from control.core.errors import BadRequestException, ConflictStatusException
@@ -89,11 +94,11 @@ class _Jobs:
         self._store = store
         self._limit = max_request_size
 
-    def _submit(
-        self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None
+    async def _submit(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, model: str, version: str | None
     ) -> None:
-        items = parse_inputs(read_body(req, self._limit), req.content_type)
-        status = self._store.submit(model, version, items)
+        items = parse_inputs(await read_body(req, self._limit), req.content_type)
+        status = await asyncio.to_thread(self._store.submit, model, version, items)
         resp.set_header("Location", f"/jobs/{status.job_id}")
         send_json(
             resp, {"jobId": status.job_id, "status": status.status, "total": status.total}, 202
@@ -103,14 +108,17 @@ class _Jobs:
 class JobResource(_Jobs):
     """``/jobs/{key}``: POST submits to model ``key``; GET and DELETE address job ``key``."""
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        self._submit(req, resp, key, None)
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, key: str) -> None:
+        await self._submit(req, resp, key, None)
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        send_json(resp, self._store.status(key).to_json())
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, key: str) -> None:
+        status = await asyncio.to_thread(self._store.status, key)
+        send_json(resp, status.to_json())
 
-    def on_delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        status = self._store.cancel(key)
+    async def on_delete(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, key: str
+    ) -> None:
+        status = await asyncio.to_thread(self._store.cancel, key)
         if status.status != CANCELLED:
             raise ConflictStatusException(f"Job {key} has already {status.status}")
         send_status(resp, 200, f"Job {key} cancelled")
@@ -120,17 +128,21 @@ class JobPartResource(_Jobs):
     """``/jobs/{key}/{part}``: POST submits to version ``part`` of model ``key``; GET
     with ``part == "results"`` pages job ``key``'s results."""
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, key: str, part: str) -> None:
-        self._submit(req, resp, key, part)
+    async def on_post(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, key: str, part: str
+    ) -> None:
+        await self._submit(req, resp, key, part)
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, key: str, part: str) -> None:
+    async def on_get(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, key: str, part: str
+    ) -> None:
         if part != "results":
             raise falcon.HTTPNotFound()
         params = Params.from_query(parse_qs(req.query_string, keep_blank_values=True))
         offset = max(params.integer("offset", 0), 0)
         limit = params.integer("limit", DEFAULT_PAGE)
         limit = DEFAULT_PAGE if limit < 0 else min(limit, MAX_PAGE)
-        results, next_offset = self._store.results_page(key, offset, limit)
+        results, next_offset = await asyncio.to_thread(self._store.results_page, key, offset, limit)
         body: dict[str, Any] = {"results": results}
         if next_offset is not None:
             body["nextOffset"] = next_offset
@@ -138,7 +150,9 @@ class JobPartResource(_Jobs):
 
 
 def add_job_routes(
-    app: falcon.App[falcon.Request, falcon.Response], store: JobStore, max_request_size: int
+    app: falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response],
+    store: JobStore,
+    max_request_size: int,
 ) -> None:
     """Mount the job resources on ``app`` (one built by ``control.http.common.new_app``).
 

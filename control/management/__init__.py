@@ -1,4 +1,5 @@
-"""The management API (port 8081): the Falcon resources (``api``), TorchServe's
-management semantics over the registry (``service``, ``registration``), waits for
-workers (``waiting``) and a Python client for it (``client``).
+"""The management API (port 8081): the Falcon ASGI resources (``api``), TorchServe's
+management semantics over the registry (``service``, ``registration``), describe and
+list in one Redis round trip each (``reads``), waits for workers (``waiting``) and a
+Python client for it (``client``).
 """

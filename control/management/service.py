@@ -1,13 +1,17 @@
-"""Management operations: register, scale, set-default, unregister, describe, list.
+"""Management operations: register, scale, set-default, unregister, and the documents
+of describe and list.
 
 Plain Python over the registry, the model store and the worker records; the HTTP
 resources only parse requests and render what these methods return. Each method
-returns ``(status, message)`` for status-type answers or a JSON-ready document.
+returns ``(status, message)`` for status-type answers or a JSON-ready document. The
+methods block (Redis calls, waits for workers): the ASGI routes run them in a thread.
+Describe and list read Redis in one round trip each, asynchronously
+(``control.management.reads``), and build their bodies with :func:`describe_version`
+and :func:`list_body` here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,14 +19,13 @@ from typing import Any, Protocol
 
 import redis
 
-from control.core import devices, keys
-from control.core.dispatch import Dispatcher
+from control.core import devices
+from control.core.dispatch import refuse_queued
 from control.core.errors import (
     BadRequestException,
     InternalServerException,
     ModelServerError,
     RequestTimeoutException,
-    ServiceUnavailableException,
 )
 from control.core.observed import WorkerRecord, WorkerState, serving_count, workers_of
 from control.core.registry import Registry, VersionRecord
@@ -55,12 +58,13 @@ class ManagementService:
         store: ArchiveSource,
         clock: Callable[[], float] = time.time,
         waiter: WorkerWaiter | None = None,
-        dispatcher: Dispatcher | None = None,
+        frames: redis.Redis | None = None,
     ) -> None:
         self.settings = settings
         self._r = client
-        #: Sends describe requests to workers (``customized=true``); None: no data plane.
-        self._dispatcher = dispatcher
+        #: A bytes client of the same Redis, to answer the requests queued for a version
+        #: being unregistered; None (the launcher's startup registrations): not answered.
+        self._frames = frames
         self.registry = Registry(client, clock)
         self._store = store
         self._clock = clock
@@ -114,8 +118,8 @@ class ManagementService:
 
     def _refuse_queued(self, name: str, version: str) -> None:
         """Answer the requests queued for a version being unregistered: 503 at once."""
-        if self._dispatcher is not None:
-            refused = self._dispatcher.refuse_queued(name, version)
+        if self._frames is not None:
+            refused = refuse_queued(self._frames, name, version)
             if refused:
                 log.info(
                     "answered %d queued request(s) of %s:%s: unregistered", refused, name, version
@@ -200,110 +204,80 @@ class ManagementService:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def list_models(self, params: Params) -> dict[str, Any]:
-        """``GET /models`` with TorchServe's pagination."""
-        limit = params.integer("limit", MAX_PAGE)
-        if limit > MAX_PAGE or limit < 0:
-            limit = MAX_PAGE
-        offset = max(params.integer("next_page_token", 0), 0)
-        page, total = self.registry.list_models(offset, limit)
-        body: dict[str, Any] = {}
-        if offset + limit <= total:
-            body["nextPageToken"] = str(offset + limit)
-        body["models"] = [{"modelName": n, "modelUrl": u} for n, u in page]
-        return body
-
-    def describe(self, name: str, version: str | None, customized: bool) -> list[dict[str, Any]]:
-        """``GET /models/{name}[/{version}|/all]``: always a list."""
-        if version == "all":
-            records = self.registry.all_versions(name)
-        else:
-            records = [self.registry.get(name, version)]
-        docs = [self._describe_one(r) for r in records]
-        if customized and version != "all":
-            docs[0]["customizedMetadata"] = self._customized(records[0])
-        return docs
-
-    def _customized(self, record: VersionRecord) -> dict[str, Any]:
-        """The handler's ``describe_handle`` output, asked through the model's queue."""
-        name = record.spec.model_name
-        no_worker = ServiceUnavailableException(
-            f'Model "{name}" has no worker to serve describe request. '
-            "Please use scale workers API to add workers."
-        )
-        failed = InternalServerException("Failed to get customized model matadata.")
-        if self._dispatcher is None:
-            raise no_worker
-        try:
-            outcome = self._dispatcher.send(
-                name, record.spec.version, (), {"describe": "True"}, kind="describe"
-            )
-        except ServiceUnavailableException:  # no worker, or its queue is full
-            raise no_worker from None
-        except InternalServerException:
-            raise failed from None
-        if outcome.reply.error is not None or outcome.reply.status != 200:
-            raise failed
-        try:
-            metadata = json.loads(outcome.reply.body)
-        except ValueError:
-            return {}
-        return metadata if isinstance(metadata, dict) else {}
-
-    def _describe_one(self, record: VersionRecord) -> dict[str, Any]:
-        spec = record.spec
-        workers = workers_of(self._r, spec.model_name, spec.version)
-        # The online queue, which job_queue_size bounds (batch jobs have their own queue).
-        pending = int(self._r.llen(keys.online_queue(spec.model_name, spec.version)))
-        doc: dict[str, Any] = {
-            "modelName": spec.model_name,
-            "modelVersion": spec.version,
-            "modelUrl": spec.url,
-            "runtime": spec.runtime,
-            "minWorkers": record.min_workers,
-            "maxWorkers": record.max_workers,
-            "batchSize": spec.batch_size,
-            "maxBatchDelay": spec.max_batch_delay,
-            "responseTimeout": spec.response_timeout,
-            "startupTimeout": spec.startup_timeout,
-            "maxRetryTimeoutInSec": spec.max_retry_timeout,
-            "clientTimeoutInMills": spec.client_timeout_ms,
-            "parallelType": spec.parallel_type,
-            "parallelLevel": spec.parallel_level,
-            "deviceType": devices.device_type_of(self._r, spec.device_type),
-        }
-        if spec.device_ids is not None:
-            doc["deviceIds"] = list(spec.device_ids)
-        doc.update(
-            {
-                "continuousBatching": spec.continuous_batching,
-                "useJobTicket": spec.use_job_ticket,
-                "useVenv": spec.use_venv,
-                "stateful": spec.stateful,
-                "sequenceMaxIdleMSec": spec.sequence_max_idle_ms,
-                "sequenceTimeoutMSec": spec.sequence_timeout_ms,
-                "maxNumSequence": spec.max_num_sequence,
-                "maxSequenceJobQueueSize": spec.max_sequence_job_queue_size,
-                "loadedAtStartup": spec.loaded_at_startup,
-                # Draining workers have left the model's list, as scaled-down ones do in
-                # TorchServe: they finish their last request and take no new ones.
-                "workers": [
-                    describe_worker(w) for w in workers if w.state is not WorkerState.DRAINING
-                ],
-                "jobQueueStatus": {
-                    "remainingCapacity": max(spec.job_queue_size - pending, 0),
-                    "pendingRequests": pending,
-                },
-            }
-        )
-        return doc
-
     def kserve_ready(self, name: str) -> dict[str, Any]:
         """``GET /v1/models/{name}`` on the management port: ready iff a worker of the
         default version can take requests (the rule dispatch uses)."""
         record = self.registry.get(name)
         serving = serving_count(workers_of(self._r, name, record.spec.version))
         return {"name": name, "ready": serving > 0}
+
+
+def page_bounds(params: Params) -> tuple[int, int]:
+    """``(offset, limit)`` of ``GET /models``: TorchServe's ``limit`` (blank, negative or
+    above 100 is 100) and ``next_page_token`` (an offset, negative is 0)."""
+    limit = params.integer("limit", MAX_PAGE)
+    if limit > MAX_PAGE or limit < 0:
+        limit = MAX_PAGE
+    return max(params.integer("next_page_token", 0), 0), limit
+
+
+def list_body(offset: int, limit: int, page: list[tuple[str, str]], total: int) -> dict[str, Any]:
+    """``GET /models``'s body for ``page`` (``(name, default version's url)``) of ``total``."""
+    body: dict[str, Any] = {}
+    if offset + limit <= total:
+        body["nextPageToken"] = str(offset + limit)
+    body["models"] = [{"modelName": n, "modelUrl": u} for n, u in page]
+    return body
+
+
+def describe_version(
+    record: VersionRecord, workers: list[WorkerRecord], pending: int, gpus_exist: bool
+) -> dict[str, Any]:
+    """Describe's document for one version: ``workers`` its live workers (by id),
+    ``pending`` its online queue's length, ``gpus_exist`` whether a live supervisor
+    announced GPUs (read only when the model's ``device_type`` is not ``cpu``)."""
+    spec = record.spec
+    doc: dict[str, Any] = {
+        "modelName": spec.model_name,
+        "modelVersion": spec.version,
+        "modelUrl": spec.url,
+        "runtime": spec.runtime,
+        "minWorkers": record.min_workers,
+        "maxWorkers": record.max_workers,
+        "batchSize": spec.batch_size,
+        "maxBatchDelay": spec.max_batch_delay,
+        "responseTimeout": spec.response_timeout,
+        "startupTimeout": spec.startup_timeout,
+        "maxRetryTimeoutInSec": spec.max_retry_timeout,
+        "clientTimeoutInMills": spec.client_timeout_ms,
+        "parallelType": spec.parallel_type,
+        "parallelLevel": spec.parallel_level,
+        "deviceType": devices.described_device_type(spec.device_type, gpus_exist),
+    }
+    if spec.device_ids is not None:
+        doc["deviceIds"] = list(spec.device_ids)
+    doc.update(
+        {
+            "continuousBatching": spec.continuous_batching,
+            "useJobTicket": spec.use_job_ticket,
+            "useVenv": spec.use_venv,
+            "stateful": spec.stateful,
+            "sequenceMaxIdleMSec": spec.sequence_max_idle_ms,
+            "sequenceTimeoutMSec": spec.sequence_timeout_ms,
+            "maxNumSequence": spec.max_num_sequence,
+            "maxSequenceJobQueueSize": spec.max_sequence_job_queue_size,
+            "loadedAtStartup": spec.loaded_at_startup,
+            # Draining workers have left the model's list, as scaled-down ones do in
+            # TorchServe: they finish their last request and take no new ones.
+            "workers": [describe_worker(w) for w in workers if w.state is not WorkerState.DRAINING],
+            # The online queue, which job_queue_size bounds (batch jobs have their own).
+            "jobQueueStatus": {
+                "remainingCapacity": max(spec.job_queue_size - pending, 0),
+                "pendingRequests": pending,
+            },
+        }
+    )
+    return doc
 
 
 def describe_worker(record: WorkerRecord) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import falcon
 import redis
 
 from control.core.errors import MethodNotAllowedException, ResourceNotFoundException
-from control.http.common import new_app, segments, send_json
+from control.http.common import new_wsgi_app, segments, send_json
 from control.http.openapi import load_description
 from control.metrics.recorder import MetricsRecorder
 from control.metrics.render import CONTENT_TYPE, render
@@ -22,7 +22,8 @@ __all__ = ["CountResponses", "MetricsRoutes", "create_metrics_app"]
 
 
 class CountResponses:
-    """Falcon middleware counting every response in ``Requests2XX/4XX/5XX``.
+    """Falcon middleware counting every response in ``Requests2XX/4XX/5XX``, in a WSGI
+    app (the metrics port) and an ASGI one (inference, management) alike.
 
     Runs after the error handlers, so error responses count with their final status.
     """
@@ -33,6 +34,12 @@ class CountResponses:
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool
     ) -> None:
+        self._recorder.request(resp.status_code)
+
+    async def process_response_async(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool
+    ) -> None:
+        """The ASGI form: counting is an in-memory increment, nothing to await."""
         self._recorder.request(resp.status_code)
 
 
@@ -76,6 +83,6 @@ def create_metrics_app(
     With ``recorder``, this port's own responses are counted too, as TorchServe counts
     the responses of every port.
     """
-    app = new_app([CountResponses(recorder)] if recorder is not None else [])
+    app = new_wsgi_app([CountResponses(recorder)] if recorder is not None else [])
     app.add_sink(MetricsRoutes(client), prefix="/")
     return app

@@ -43,6 +43,7 @@ from control.core.home import (
 )
 from control.core.redis_io import redis_client
 from control.core.settings import Settings
+from control.http.asgi_worker import ASGI_WORKER_CLASS, KEEP_ALIVE_S
 from control.http.auth import KeyStore
 from control.http.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS
 from control.server import SETTINGS_ENV
@@ -194,8 +195,11 @@ def redis_child(home: Home) -> Child:
 def api_child(settings: Settings, home: Home, which: str) -> Child:
     """gunicorn serving one API (``management``, ``inference`` or ``metrics``).
 
-    gthread workers: a synchronous register or a prediction waits on Redis for as long
-    as it takes, and gthread's timeout only checks that the worker process lives.
+    Inference and management run uvicorn's ASGI worker (``control.http.asgi_worker``):
+    a prediction or a synchronous register waits on Redis as a coroutine, so waiting and
+    slow clients hold no thread. Metrics keeps gthread workers (a WSGI app scraped
+    rarely). gunicorn's ``--timeout`` only checks that a worker process lives. The access
+    log is off unless ``enable_access_log``; then it goes to ``logs/access_<which>.log``.
     """
     host, port = settings.bind(which)
     ensure_free(host, port, f"{which}_address")
@@ -209,13 +213,28 @@ def api_child(settings: Settings, home: Home, which: str) -> Child:
     argv = (
         sys.executable, "-m", "gunicorn", f"control.server:{which}_app()",
         "--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-        # gthread, answering unparsable or over-long requests in JSON (control.http.gunicorn_worker)
-        "-k", WORKER_CLASS, *LIMIT_ARGS, "--workers", str(processes),
-        "--threads", str(settings.api_threads), "--no-control-socket",
-        "--graceful-timeout", str(graceful), "--timeout", "30", "--access-logfile", "-",
+        # Both answer unparsable or over-long requests in JSON (control.http.limits).
+        *worker_args(which, settings.api_threads), "--workers", str(processes),
+        "--no-control-socket", "--graceful-timeout", str(graceful), "--timeout", "30",
+        *access_log_args(settings, home, which),
     )  # fmt: skip
     env = {**os.environ, SETTINGS_ENV: str(home.settings_file)}
     return Child(which, argv, lambda: answers_http(host, port), env, stop_timeout=graceful + 5)
+
+
+def worker_args(which: str, threads: int) -> tuple[str, ...]:
+    """gunicorn's worker class and its options for one API port: uvicorn's ASGI worker
+    for inference and management, gthread with ``threads`` threads for metrics."""
+    if which == "metrics":
+        return ("-k", WORKER_CLASS, *LIMIT_ARGS, "--threads", str(threads))
+    return ("-k", ASGI_WORKER_CLASS, "--keep-alive", str(KEEP_ALIVE_S))
+
+
+def access_log_args(settings: Settings, home: Home, which: str) -> tuple[str, ...]:
+    """``--access-logfile`` when ``enable_access_log`` is set, else nothing (no log)."""
+    if not settings.enable_access_log:
+        return ()
+    return ("--access-logfile", str(home.log_of(f"access_{which}")))
 
 
 def supervisor_child(settings: Settings, home: Home) -> Child:

@@ -7,6 +7,7 @@ middle of a job to show that a job lives in Redis only.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -25,9 +26,11 @@ import redis
 from control.core import keys, observed
 from control.core.dispatch import Dispatcher
 from control.core.envelope import Part
+from control.core.redis_io import connect_async
 from control.core.settings import Settings
 from control.jobs.client import BatchClient
 from control.management.client import ManagementClient
+from control.stack.children import worker_args
 from tests.support.archives import build_mar
 from tests.support.processes import (
     free_port,
@@ -108,23 +111,33 @@ def test_online_requests_share_a_worker_busy_with_a_job(
     register(stack["api"], "slow.mar", 1)
     job = stack["jobs"].submit("slow", list(range(1000)))  # about 50 s of work
     wait_for(lambda: job.progress()[0] >= 5, 60, "the job to run")
-    dispatcher = Dispatcher(redis.Redis.from_url(redis_url))
-    for i in range(5):
-        started = time.monotonic()
-        outcome = dispatcher.send(
-            "slow", None, (Part("body", "application/json", b'"online"'),), {}
-        )
-        # Waits for the batch in progress (50 ms), not for the job's other items.
-        assert time.monotonic() - started < 2.0
-        assert (outcome.reply.status, outcome.reply.body) == (200, b"online"), i
+
+    async def online_requests() -> None:
+        # The API's request path as an API process runs it: asyncio, one reply listener.
+        client = connect_async(redis_url)
+        dispatcher = Dispatcher(client)
+        try:
+            for i in range(5):
+                started = time.monotonic()
+                outcome = await dispatcher.send(
+                    "slow", None, (Part("body", "application/json", b'"online"'),), {}
+                )
+                # Waits for the batch in progress (50 ms), not for the job's other items.
+                assert time.monotonic() - started < 2.0
+                assert (outcome.reply.status, outcome.reply.body) == (200, b"online"), i
+        finally:
+            await dispatcher.close()
+            await client.aclose()
+
+    asyncio.run(online_requests())
     assert job.progress()[0] < 900
     assert job.cancel().status == "cancelled"
 
 
 @contextmanager
 def jobs_api(settings: Settings, workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """The inference app (with the jobs routes) under gunicorn, killable without a
-    goodbye; yields its ``host:port`` and process."""
+    """The inference app (with the jobs routes) under gunicorn with the launcher's worker
+    class, killable without a goodbye; yields its ``host:port`` and process."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     settings_file = workdir / "settings.json"
@@ -134,7 +147,7 @@ def jobs_api(settings: Settings, workdir: Path) -> Iterator[tuple[str, subproces
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "control.server:inference_app()",
-             "--bind", f"127.0.0.1:{port}", "-k", "gthread", "--threads", "4",
+             "--bind", f"127.0.0.1:{port}", *worker_args("inference", 4),
              "--no-control-socket"],
             env={**os.environ, "MQSERVE_SETTINGS": str(settings_file)},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

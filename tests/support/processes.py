@@ -28,7 +28,7 @@ import redis
 from control.core import keys
 from control.core.home import Home, alive, live_pid
 from control.core.settings import Settings
-from control.http.gunicorn_worker import LIMIT_ARGS, WORKER_CLASS
+from control.stack.children import worker_args
 
 
 def free_port() -> int:
@@ -158,8 +158,8 @@ def api_process(settings: Settings, workdir: Path, app: str = "management") -> I
     settings_file.write_text(settings.to_json())
     log_path = workdir / f"gunicorn-{app}-{port}.log"
     argv = [sys.executable, "-m", "gunicorn", f"control.server:{app}_app()",
-            "--bind", f"127.0.0.1:{port}", "-k", WORKER_CLASS, *LIMIT_ARGS,
-            "--workers", "1", "--threads", "16", "--no-control-socket"]  # fmt: skip
+            "--bind", f"127.0.0.1:{port}", *worker_args(app, 16),
+            "--workers", "1", "--no-control-socket"]  # fmt: skip
     env = {**os.environ, "MQSERVE_SETTINGS": str(settings_file)}
     with started(argv, log=log_path, env=env, grace=15) as proc:
         wait_for(lambda: port_open(port) or proc.poll() is not None, 30, "gunicorn")

@@ -13,9 +13,9 @@ from falcon import testing
 from control.archives.store import ModelStore
 from control.core.settings import Settings
 from control.http.auth import KeyStore
-from control.management.api import create_management_app
 from control.management.service import ManagementService
 from tests.support.archives import build_mar
+from tests.support.asgi import management_client
 from tests.support.fakes import FakeFleet
 
 
@@ -63,7 +63,7 @@ def make_client(redis_client: fakeredis.FakeRedis) -> AppFactory:
         store = ModelStore(settings.model_store, settings.allowed_urls, fetch=fetch)
         kwargs = {"clock": clock} if clock is not None else {}
         service = ManagementService(settings, redis_client, store, **kwargs)
-        return testing.TestClient(create_management_app(service, keystore))
+        return management_client(service, redis_client, keystore)
 
     return make
 

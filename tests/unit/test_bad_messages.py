@@ -22,7 +22,7 @@ import pytest
 from celery import Celery
 
 from control.core import keys
-from control.core.envelope import FrameError, Part, Reply, Request, pack, readable_id
+from control.core.envelope import FrameError, Part, Reply, Request, pack, reply_address
 from control.jobs.store import BATCH_TASK
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest, Parameter
 from workers.worker import broker
@@ -154,9 +154,14 @@ def test_every_reply_field_with_every_wrong_type_is_a_frame_error(field: str) ->
 
 
 def test_a_readable_id_survives_a_broken_frame() -> None:
-    assert readable_id(pack(header_of(GOOD) | {"headers": 5})) == "r1"
-    assert readable_id(pack({"id": 7})) is None
-    assert readable_id(b"\x00\x00") is None
+    assert reply_address(pack(header_of(GOOD) | {"headers": 5})) == ("r1", keys.reply("r1"))
+    listener = keys.replies("p1")
+    broken = header_of(GOOD) | {"headers": 5, "reply_to": listener}
+    assert reply_address(pack(broken)) == ("r1", listener)
+    # A reply_to that is no reply list never directs a write elsewhere.
+    assert reply_address(pack(broken | {"reply_to": "mqs:d:models"})) == ("r1", keys.reply("r1"))
+    assert reply_address(pack({"id": 7})) is None
+    assert reply_address(b"\x00\x00") is None
 
 
 # -- the online loop ---------------------------------------------------------------------
@@ -183,6 +188,7 @@ class ListBatcher:
     """Hands out prepared batches (moving them into the in-flight list like BLMOVE)."""
 
     window = 0.0
+    size = 8
 
     def __init__(self, client: fakeredis.FakeRedis, batches: list[Any]) -> None:
         self._r = client
@@ -190,7 +196,11 @@ class ListBatcher:
         self.calls = 0
         self.drained = threading.Event()
 
-    def next_batch(self, wait: float) -> list[bytes]:
+    def prefetch(self, pipe: Any) -> None:
+        pipe.lmove("no-queue", INFLIGHT, "RIGHT", "LEFT")  # nothing queued: takes nothing
+
+    def next_batch(self, wait: float, taken: Any = ()) -> list[bytes]:
+        assert not taken  # the lists' batches are all it hands out
         self.calls += 1
         if not self._batches:
             self.drained.set()
@@ -225,7 +235,7 @@ def test_malformed_frames_are_answered_when_possible_and_dropped(
     good = GOOD.frame()
     echo = Echo()
     batcher = ListBatcher(client, [[bad_headers, unreadable, good, bad_parts]])
-    loop = OnlineLoop(client, ModelRunner(echo), batcher, INFLIGHT)  # type: ignore[arg-type]
+    loop = OnlineLoop(client, ModelRunner(echo), batcher, INFLIGHT)
     loop.serve(batcher.next_batch(0.1))
     for rid in ("bad-1", "bad-2"):
         answer = reply_of(client, rid)
@@ -252,7 +262,7 @@ def test_the_loop_goes_on_after_redis_errors_and_bugs(client: fakeredis.FakeRedi
                 raise KeyError("bug")
             return Echo().handle(batch)
 
-    loop = OnlineLoop(client, ModelRunner(FlakyRunner()), batcher, INFLIGHT)  # type: ignore[arg-type]
+    loop = OnlineLoop(client, ModelRunner(FlakyRunner()), batcher, INFLIGHT)
     loop.start()
     try:
         assert batcher.drained.wait(10)
@@ -269,7 +279,7 @@ def test_a_dead_loop_reports_its_failure(client: fakeredis.FakeRedis) -> None:
         pass
 
     batcher = ListBatcher(client, [Fatal()])
-    loop = OnlineLoop(client, ModelRunner(Echo()), batcher, INFLIGHT)  # type: ignore[arg-type]
+    loop = OnlineLoop(client, ModelRunner(Echo()), batcher, INFLIGHT)
     assert loop.failure() == ""  # not started: nothing to report
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(threading, "excepthook", lambda args: None)
@@ -280,7 +290,7 @@ def test_a_dead_loop_reports_its_failure(client: fakeredis.FakeRedis) -> None:
 
 def test_a_failure_outside_the_handler_answers_500(client: fakeredis.FakeRedis) -> None:
     batcher = ListBatcher(client, [[GOOD.frame()]])
-    loop = OnlineLoop(client, ModelRunner(Broken()), batcher, INFLIGHT)  # type: ignore[arg-type]
+    loop = OnlineLoop(client, ModelRunner(Broken()), batcher, INFLIGHT)
     loop.serve(batcher.next_batch(0.1))
     assert reply_of(client, "r1").status == 500 and client.llen(INFLIGHT) == 0
 
@@ -439,13 +449,13 @@ def test_a_stuck_loop_reports_its_failure(client: fakeredis.FakeRedis) -> None:
     release = threading.Event()
 
     class Stuck(ListBatcher):
-        def next_batch(self, wait: float) -> list[bytes]:
+        def next_batch(self, wait: float, taken: Any = ()) -> list[bytes]:
             self.drained.set()
             release.wait(10)  # e.g. a Redis call that never returns
             return []
 
     batcher = Stuck(client, [])
-    loop = OnlineLoop(client, ModelRunner(Echo()), batcher, INFLIGHT)  # type: ignore[arg-type]
+    loop = OnlineLoop(client, ModelRunner(Echo()), batcher, INFLIGHT)
     loop.start()
     try:
         assert batcher.drained.wait(5)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import io
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
 import falcon
+import falcon.testing
 import orjson
 import pytest
 from falcon import testing
@@ -122,15 +123,23 @@ def test_a_body_over_max_request_size_is_a_bare_413(
 
 
 def test_a_body_without_content_length_is_read_bounded() -> None:
-    req: Any = SimpleNamespace(content_length=None, bounded_stream=io.BytesIO(b"x" * (LIMIT + 1)))
+    def chunked(body: bytes) -> Any:
+        # No Content-Length: the body arrives in pieces, as a chunked one does.
+        return falcon.testing.create_asgi_req(
+            method="POST", path="/jobs/echo", body=body, headers={"Transfer-Encoding": "chunked"}
+        )
+
+    def read(req: Any) -> bytes:
+        return asyncio.run(read_body(req, LIMIT))
+
+    assert chunked(b"").content_length is None
     with pytest.raises(falcon.HTTPContentTooLarge):
-        read_body(req, LIMIT)
-    req.bounded_stream = io.BytesIO(b"x" * LIMIT)
-    assert len(read_body(req, LIMIT)) == LIMIT
+        read(chunked(b"x" * (LIMIT + 1)))
+    assert len(read(chunked(b"x" * LIMIT))) == LIMIT
     # A Content-Length over the limit is refused before anything is read.
-    req.content_length, req.bounded_stream = LIMIT + 1, None
+    req: Any = SimpleNamespace(content_length=LIMIT + 1, stream=None)
     with pytest.raises(falcon.HTTPContentTooLarge):
-        read_body(req, LIMIT)
+        read(req)
 
 
 def test_unknown_models_and_jobs(api: testing.TestClient) -> None:

@@ -14,7 +14,7 @@ from falcon import testing
 from openapi_spec_validator import validate
 
 from control.core import keys
-from control.http.common import REDIS_DOWN, new_app
+from control.http.common import REDIS_DOWN, new_app, new_wsgi_app
 from control.http.openapi import load_description
 from control.metrics.api import CountResponses, create_metrics_app
 from control.metrics.recorder import CONTENT_TYPE, MetricsRecorder
@@ -175,16 +175,33 @@ def test_redis_outage_is_a_503(recorder: MetricsRecorder) -> None:
     )
 
 
-def test_count_responses_middleware(recorder: MetricsRecorder) -> None:
-    class Resource:
-        def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-            resp.media = {"ok": True}
+class SyncThing:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"ok": True}
 
-        def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-            raise RuntimeError("unexpected")
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raise RuntimeError("unexpected")
 
-    app = new_app([CountResponses(recorder)])
-    app.add_route("/thing", Resource())
+
+class AsyncThing:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"ok": True}
+
+    async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raise RuntimeError("unexpected")
+
+
+@pytest.mark.parametrize(
+    ("make_app", "resource"),
+    [(new_wsgi_app, SyncThing), (new_app, AsyncThing)],
+    ids=["wsgi", "asgi"],
+)
+def test_count_responses_middleware(
+    recorder: MetricsRecorder, make_app: Any, resource: type[Any]
+) -> None:
+    # The same middleware counts in the metrics port's WSGI app and the ASGI apps.
+    app = make_app([CountResponses(recorder)])
+    app.add_route("/thing", resource())
     client = testing.TestClient(app)
     assert client.simulate_get("/thing").status_code == 200
     assert client.simulate_post("/thing").status_code == 500

@@ -18,9 +18,10 @@ from control.archives.store import ModelStore
 from control.core.settings import Settings
 from control.http.auth import KeyStore
 from control.http.openapi import load_description
-from control.management.api import create_management_app, model_description
+from control.management.api import model_description
 from control.management.service import ManagementService
 from tests.support.archives import build_mar
+from tests.support.asgi import management_client
 from tests.support.openapi import all_refs, error_types, operations, resolve, without_error_response
 
 TEMPLATE_PARAMS = {"model_name", "model_version", "workflow_name"}
@@ -254,8 +255,8 @@ def test_every_documented_operation_is_routed(
 ) -> None:
     method, path = operation.split(" ", 1)
     method = method.lower()
-    service = _service(tmp_path, _redis())
-    app = testing.TestClient(create_management_app(service, None))
+    client = _redis()
+    app = management_client(_service(tmp_path, client), client)
     if registered:
         build_mar(tmp_path / "noop.mar", "noop", "1.0")
         assert app.simulate_post("/models", params={"url": "noop.mar"}).status_code == 200
@@ -277,7 +278,8 @@ def test_every_documented_operation_is_routed(
 
 
 def test_options_root_serves_the_description(tmp_path: Path, description: dict[str, Any]) -> None:
-    app = testing.TestClient(create_management_app(_service(tmp_path, _redis()), None))
+    client = _redis()
+    app = management_client(_service(tmp_path, client), client)
     assert app.simulate_options("/").json == description
     assert app.simulate_get("/api-description").json == description
 
@@ -289,7 +291,7 @@ def test_token_auth_as_described(tmp_path: Path, description: dict[str, Any]) ->
     keystore = KeyStore(client, tmp_path / "home" / "key_file.json", 60.0)
     issued = keystore.issue_all()
     service = _service(tmp_path, client, disable_token_authorization=False)
-    app = testing.TestClient(create_management_app(service, keystore))
+    app = management_client(service, client, keystore)
     for path, method, op in operations(description):
         result = _request(app, description, path, method)
         _check_documented(description, path, method, result)

@@ -6,24 +6,31 @@ raw bytes); 0x80-0xFF must never turn into UTF-8 replacement characters.
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import quote_from_bytes
 
 import falcon
+import falcon.asgi
 import falcon.testing
 import pytest
 
 from control.core.envelope import Part
-from control.inference.api import read_parts
+from control.inference import api
 
 ALL_BYTES = bytes(range(256))
 LIMIT = 10_000
 
 
-def request(body: bytes, content_type: str | None = None, query: str = "") -> falcon.Request:
+def request(body: bytes, content_type: str | None = None, query: str = "") -> falcon.asgi.Request:
     headers = {"Content-Type": content_type} if content_type else {}
-    return falcon.testing.create_req(
+    return falcon.testing.create_asgi_req(
         method="POST", path="/invocations", query_string=query, body=body, headers=headers
     )
+
+
+def read_parts(req: falcon.asgi.Request, limit: int, with_query: bool) -> tuple[Part, ...]:
+    """``api.read_parts`` run to completion (it awaits the body)."""
+    return asyncio.run(api.read_parts(req, limit, with_query))
 
 
 def multipart(*fields: tuple[bytes, bytes], boundary: bytes = b"XyZ") -> bytes:

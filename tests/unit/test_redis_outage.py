@@ -3,9 +3,11 @@ waiting requests that ride out a short outage."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import falcon
+import falcon.asgi
 import pytest
 import redis
 from falcon import testing
@@ -19,7 +21,7 @@ from control.inference.health import healthy
 class Down:
     """A resource whose Redis is gone."""
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
 
@@ -43,17 +45,26 @@ def test_ping_is_unhealthy_while_redis_is_down() -> None:
 
 def test_a_wait_rides_out_a_short_outage_then_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
-    monkeypatch.setattr(dispatch.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    monkeypatch.setattr(dispatch.asyncio, "sleep", sleep)
     outage = _Outage(clock=lambda: now[0])
-    for _ in range(3):  # swallowed: the request still lives in Redis
-        with outage.tolerated():
-            raise redis.ConnectionError("down")
-    with outage.tolerated():
-        pass  # Redis is back: the outage is over
-    with pytest.raises(redis.TimeoutError):
-        for _ in range(1000):
-            with outage.tolerated():
-                raise redis.TimeoutError("still down")
-    assert now[0] >= dispatch.REDIS_OUTAGE_WAIT
-    with pytest.raises(ValueError), outage.tolerated():
-        raise ValueError("not an outage")
+
+    async def scenario() -> None:
+        for _ in range(3):  # swallowed: the request still lives in Redis
+            async with outage.tolerated():
+                raise redis.ConnectionError("down")
+        async with outage.tolerated():
+            pass  # Redis is back: the outage is over
+        with pytest.raises(redis.TimeoutError):
+            for _ in range(1000):
+                async with outage.tolerated():
+                    raise redis.TimeoutError("still down")
+        assert now[0] >= dispatch.REDIS_OUTAGE_WAIT
+        with pytest.raises(ValueError):
+            async with outage.tolerated():
+                raise ValueError("not an outage")
+
+    asyncio.run(scenario())

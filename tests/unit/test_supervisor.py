@@ -207,6 +207,30 @@ def test_a_dead_workers_requests_are_answered_worker_died(
     assert host.frames.llen(keys.inflight(wid)) == 0
 
 
+def test_a_dead_workers_requests_are_answered_on_their_reply_to(host: Host) -> None:
+    host.register()
+    host.supervisor.tick()
+    [(wid, process)] = host.spawned
+    host.report(wid, WorkerState.BUSY)
+    listener = keys.replies("api-1")
+    for rid, reply_to in (("r1", listener), ("r2", listener), ("r3", "")):
+        request = Request(id=rid, model="m", version="", deadline=0.0, enqueued=0.0,
+                          reply_to=reply_to)  # fmt: skip
+        host.frames.lpush(keys.inflight(wid), request.frame())
+    process.exit(3)
+    host.supervisor.tick()
+    shared = [Reply.parse(f) for f in host.frames.lrange(listener, 0, -1) if isinstance(f, bytes)]
+    assert sorted((r.id, r.status, r.error) for r in shared) == [
+        ("r1", 500, "Worker died."),
+        ("r2", 500, "Worker died."),
+    ]
+    [own] = [
+        Reply.parse(f) for f in host.frames.lrange(keys.reply("r3"), 0, -1) if isinstance(f, bytes)
+    ]
+    assert (own.id, own.error) == ("r3", "Worker died.")
+    assert host.frames.llen(keys.inflight(wid)) == 0
+
+
 def test_scale_down_drains_and_releases_the_slot(host: Host) -> None:
     host.register(workers=2)
     host.supervisor.tick()

@@ -22,7 +22,13 @@ class BlockingBatcher:
         self.waiting = threading.Event()
         self.release = threading.Event()
 
-    def next_batch(self, wait: float) -> list[bytes]:
+    window = 0.0
+    size = 1
+
+    def prefetch(self, pipe: object) -> None:
+        raise AssertionError("it hands out no batch to reply to")
+
+    def next_batch(self, wait: float, taken: object = ()) -> list[bytes]:
         self.waiting.set()
         self.release.wait(10)
         return []

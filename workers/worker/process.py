@@ -163,7 +163,8 @@ def _online_loop(
         spec.max_batch_delay,
         slack=block_slack(client),
     )
-    return OnlineLoop(client, runner, batcher, inflight)
+    # clientTimeoutInMills is the worker's to apply: the API sends frames without a deadline.
+    return OnlineLoop(client, runner, batcher, inflight, client_timeout_ms=spec.client_timeout_ms)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,19 @@
 :class:`Batcher` mirrors TorchServe's ``Model.pollInferJob``: block for the first
 request, then take up to ``batch_size - 1`` more, waiting at most ``max_batch_delay``
 milliseconds measured from when the first was taken. Requests move atomically
-(BLMOVE/LMOVE) from the model's queue into this worker's in-flight list, so a request
-is never lost: if the worker dies, the supervisor answers what is in that list.
+(BLMOVE, or a Lua script of LMOVEs) from the model's queue into this worker's in-flight
+list, so a request is never lost: if the worker dies, the supervisor answers what is in
+that list.
+
+Round trips per batch, the hot path: the rest of a batch that is already queued comes
+in ONE call (:data:`_TAKE_QUEUED`), whatever its size; the replies, the in-flight
+acknowledgement and the first frame of the next batch go in ONE pipeline
+(:meth:`OnlineLoop._deliver`). A noop request under load thus costs one round trip at
+``batch_size`` 1, two per batch above; metrics are recorded after the replies are out.
+
+Replies go where the request frame says (``Request.reply_key``: its API process's shared
+list ``reply_to``, else its own ``keys.reply(id)``), always naming the request id
+(``Reply.to``), with a TTL (:data:`REPLY_TTL_MS`) so that a reply nobody pops expires.
 
 :class:`ModelRunner` serialises access to the model between this loop and Celery tasks
 (batch jobs), which is how jobs share a worker fairly with online requests.
@@ -15,14 +26,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import redis
 
 from control.core import keys
-from control.core.envelope import FrameError, Reply, Request, readable_id
+from control.core.envelope import FrameError, Reply, Request, reply_address
 from control.core.redis_io import SOCKET_TIMEOUT, block_seconds
 from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest
 from workers.outage import Outage
@@ -66,6 +77,20 @@ def block_slack(client: redis.Redis) -> float:
     return 1.0 / max(hz, 1.0) + 0.01
 
 
+# KEYS: queue, in-flight list   ARGV: the most frames to move
+# Every frame already queued, up to ARGV[1], moved (oldest first) in one step: a frame is
+# in the queue or in the in-flight list at every moment, never in neither.
+_TAKE_QUEUED = """
+local taken = {}
+for i = 1, tonumber(ARGV[1]) do
+  local frame = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not frame then break end
+  taken[i] = frame
+end
+return taken
+"""
+
+
 class Batcher:
     """Takes batches of request frames for one worker. Not thread-safe: one per loop."""
 
@@ -88,25 +113,42 @@ class Batcher:
         self._size = max(batch_size, 1)
         self._delay = max(max_batch_delay_ms, 0) / 1000.0
         self._clock = clock
+        self._take_queued_script = client.register_script(_TAKE_QUEUED)
 
     @property
     def window(self) -> float:
         """The batching window (``max_batch_delay``) in seconds."""
         return self._delay
 
-    def next_batch(self, wait: float) -> list[bytes]:
+    @property
+    def size(self) -> int:
+        """The most frames in one batch (``batch_size``)."""
+        return self._size
+
+    def next_batch(self, wait: float, taken: Sequence[bytes] = ()) -> list[bytes]:
         """Up to ``batch_size`` frames; ``[]`` when none came within ``wait`` seconds
-        (``wait`` at most :data:`control.core.redis_io.BLOCK_CHUNK`)."""
-        first = self._take(wait)
-        if first is None:
-            return []
-        batch: list[bytes] = [first]
+        (``wait`` at most :data:`control.core.redis_io.BLOCK_CHUNK`).
+
+        ``taken``: frames of this batch already in the in-flight list (taken with the
+        previous batch's replies, :meth:`prefetch`); the window starts now, with them.
+        Round trips: one blocking take for the first frame (none with ``taken``), one
+        call for all that are queued, then one blocking take (or, near the end of the
+        window, one poll per :data:`POLL_STEP`) per frame that arrives within the
+        window, each followed by one call for what arrived meanwhile.
+        """
+        batch = list(taken[: self._size])
+        if not batch:
+            first = self._take(wait)
+            if first is None:
+                return []
+            batch.append(first)
         deadline = self._clock() + self._delay
+        arrived = True  # whether frames may be queued: then take them all in one call
         while len(batch) < self._size:
-            frame = _frame(self._r.lmove(self._queue, self._inflight, "RIGHT", "LEFT"))
-            if frame is not None:
-                batch.append(frame)
-                continue
+            if arrived:
+                batch.extend(self.take_queued(self._size - len(batch)))
+                if len(batch) >= self._size:
+                    break
             remaining = deadline - self._clock()
             if remaining <= 0:
                 break
@@ -115,11 +157,29 @@ class Batcher:
                 # default hz 10), so block only for the part of the window that a late
                 # wake-up cannot overrun; a push still wakes us at once.
                 frame = self._take(remaining - self._slack)
-                if frame is not None:
-                    batch.append(frame)
             else:
+                # The end of the window is polled, with the cheapest command (a poll
+                # mostly finds nothing); one that finds a frame asks for the rest.
                 self._sleep(min(POLL_STEP, remaining))
+                frame = _frame(self._r.lmove(self._queue, self._inflight, "RIGHT", "LEFT"))
+            arrived = frame is not None
+            if frame is not None:
+                batch.append(frame)
         return batch
+
+    def take_queued(self, most: int) -> list[bytes]:
+        """Up to ``most`` frames already queued, moved into the in-flight list in one
+        call (oldest first); ``[]`` when the queue is empty. Never blocks."""
+        if most <= 0:
+            return []
+        taken = self._take_queued_script(keys=[self._queue, self._inflight], args=[most])
+        return [frame for frame in (_frame(f) for f in taken or []) if frame is not None]
+
+    def prefetch(self, pipe: Any) -> None:
+        """Queue on ``pipe`` the move of the oldest queued frame into the in-flight list
+        (its result: the frame or None), so that a batch's reply pipeline also takes the
+        first frame of the next batch."""
+        pipe.lmove(self._queue, self._inflight, "RIGHT", "LEFT")
 
     def _take(self, timeout: float) -> bytes | None:
         # Never longer than one BLOCK_CHUNK (the caller's loop asks again), never 0 (which
@@ -142,11 +202,27 @@ class Handles(Protocol):
     def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]: ...
 
 
+class Takes(Protocol):
+    """What an :class:`OnlineLoop` takes its batches from (a :class:`Batcher`)."""
+
+    @property
+    def window(self) -> float: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def next_batch(self, wait: float, taken: Sequence[bytes] = ()) -> list[bytes]: ...
+
+    def prefetch(self, pipe: Any) -> None: ...
+
+
 class ModelRunner:
     """One model, shared by the online loop and Celery tasks, one batch at a time.
 
     ``busy`` (the worker's :meth:`Reporter.busy`) marks the worker BUSY while a batch
-    runs, which is what the supervisor's response timeout watches.
+    runs, which is what the supervisor's response timeout watches; it writes nothing to
+    Redis (the heartbeat thread publishes the state), so it costs the request path two
+    lock operations.
     """
 
     def __init__(
@@ -159,36 +235,68 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._busy = busy or nullcontext
         self._observe = observe
+        #: Observations of batches run with ``defer``, until :meth:`observe_deferred`.
+        self._deferred: list[tuple[int, list[Any]]] = []
+        #: ``observe`` runs in the online loop's thread and in Celery's, one at a time.
+        self._observe_lock = threading.Lock()
 
-    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+    def handle(self, batch: list[InferenceRequest], defer: bool = False) -> list[InferenceReply]:
         """Run one batch; raises HandlerFailure when the whole batch fails.
 
-        ``observe(batch size, the handler's metric records)`` runs after each batch.
+        ``observe(batch size, the handler's metric records)`` runs after each batch, or,
+        with ``defer``, at the next :meth:`observe_deferred` (the online loop's, once
+        the batch's replies are out: metrics are not what its clients wait for).
         """
         with self._lock, self._busy():
             try:
                 return self._model.handle(batch)
             finally:
                 if self._observe is not None:
-                    self._observe(len(batch), list(getattr(self._model, "last_metrics", [])))
+                    records = list(getattr(self._model, "last_metrics", []))
+                    if defer:
+                        self._deferred.append((len(batch), records))
+                    else:
+                        with self._observe_lock:
+                            self._observe(len(batch), records)
+
+    def observe_deferred(self) -> None:
+        """Observe every batch run with ``defer`` since the last call, in order."""
+        if self._observe is None:
+            return
+        with self._observe_lock:
+            while self._deferred:
+                size, records = self._deferred.pop(0)
+                try:
+                    self._observe(size, records)
+                except Exception:  # metrics must never cost a request or stop the loop
+                    log.exception("metrics of a batch dropped")
 
 
 class OnlineLoop:
-    """Serves the online queue of one model version until stopped."""
+    """Serves the online queue of one model version until stopped.
+
+    ``client_timeout_ms`` is the model's ``clientTimeoutInMills``: a request taken more
+    than that after it was enqueued is answered 408 :data:`EXPIRED` and not run (0: no
+    limit). A frame's own ``deadline`` (> 0) takes precedence; an API that does not
+    know the model's spec sends 0, and the worker, which does, applies the limit. The
+    frame's ``version`` is not read: the frame sits on this version's queue.
+    """
 
     def __init__(
         self,
         client: redis.Redis,
         runner: ModelRunner,
-        batcher: Batcher,
+        batcher: Takes,
         inflight: str,
         clock: Callable[[], float] = time.time,
+        client_timeout_ms: int = 0,
     ) -> None:
         self._r = client
         self._runner = runner
         self._batcher = batcher
         self._inflight = inflight
         self._clock = clock
+        self._client_timeout = max(client_timeout_ms, 0) / 1000.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mqserve-online", daemon=True)
         #: Monotonic time of the loop's last sign of life, and whether it is in the
@@ -238,19 +346,32 @@ class OnlineLoop:
     def _run(self) -> None:
         """Serve until stopped; nothing but a stop ends the loop.
 
-        A Redis error waits with capped back-off (logged once per outage) and retries;
-        the frames of a batch stay in the in-flight list meanwhile. Any other error is a
-        bug: it is logged with its traceback, the batch it hit is answered 500 (so no
+        Frames the loop holds in its in-flight list (taken with the previous batch's
+        replies) are served even once a stop was requested: a draining worker finishes
+        what it took. A Redis error waits with capped back-off (logged once per outage)
+        and retries; the frames of a batch stay in the in-flight list meanwhile, where
+        the next reply pipeline that takes a frame finds them (:meth:`_deliver`) and the
+        loop serves them (a batch whose replies could not be pushed within
+        :data:`REPLY_RETRY_S` is thus run again once Redis is back). Any other error is
+        a bug: it is logged with its traceback, the batch it hit is answered 500 (so no
         client waits for it), and the loop goes on after a short pause.
         """
         outage = Outage("online loop", log)
-        while not self._stop.is_set():
+        held: list[bytes] = []
+        while held or not self._stop.is_set():
             self._progress = time.monotonic()
             frames: list[bytes] = []
             try:
-                frames = self._batcher.next_batch(IDLE_WAKE)
+                size = self._batcher.size
+                if held and (self._stop.is_set() or len(held) >= size):
+                    frames, held = held[:size], held[size:]  # no new requests: just these
+                else:
+                    frames, held = self._batcher.next_batch(IDLE_WAKE, held), []
                 if frames:
-                    self.serve(frames)
+                    # Take the next frame only while holding no other: the reply pipeline
+                    # counts the in-flight list to find frames whose take was lost.
+                    take_next = not held and not self._stop.is_set()
+                    held += self._serve(frames, take_next)
                 outage.recovered()
             except redis.RedisError as exc:
                 self._stop.wait(outage.failed(exc))
@@ -273,8 +394,16 @@ class OnlineLoop:
         """Answer one batch of frames taken from the queue.
 
         A frame that does not parse is logged, answered 400 when its id can be read
-        (its sender waits on ``keys.reply(id)``), and dropped from the in-flight list.
+        (on its ``reply_to`` when that names a reply list, else on ``keys.reply(id)``:
+        :func:`control.core.envelope.reply_address`), and dropped from the in-flight list.
+        A request older than its deadline (:class:`OnlineLoop`) is answered 408.
         """
+        self._serve(frames, take_next=False)
+
+    def _serve(self, frames: list[bytes], take_next: bool) -> list[bytes]:
+        """:meth:`serve`; with ``take_next`` (only when the loop holds no other frame),
+        the last reply pipeline also takes the first frame of the next batch: returns
+        the frames this worker now holds unserved."""
         now = self._clock()
         live: list[tuple[bytes, Request]] = []
         pipe = self._r.pipeline(transaction=False)
@@ -282,33 +411,48 @@ class OnlineLoop:
             try:
                 request = Request.parse(frame)
             except FrameError as exc:
-                rid = readable_id(frame)
+                address = reply_address(frame)
+                rid = None if address is None else address[0]
                 log.error("dropping a malformed request frame (id %r): %s", rid, exc)
                 self.malformed += 1
-                if rid is not None:
+                if address is not None:
+                    rid, key = address
                     error = MALFORMED.format(exc)
-                    _push_reply(pipe, rid, Reply(status=400, error=error, dequeued=now))
+                    _push_reply(pipe, key, Reply(status=400, error=error, dequeued=now).to(rid))
                 pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
                 continue
-            if 0 < request.deadline < now:
+            if 0 < self._deadline(request) < now:
                 # Older than the model's clientTimeoutInMills: not run. TorchServe drops it
                 # without a word; the waiting client is told instead of left hanging.
-                _push_reply(pipe, request.id, Reply(status=408, error=EXPIRED, dequeued=now))
+                expired = Reply(status=408, error=EXPIRED, dequeued=now).to(request.id)
+                _push_reply(pipe, request.reply_key, expired)
                 pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
                 continue
             live.append((frame, request))
-        pipe.execute()
+        pipe.execute()  # sends nothing when every frame is live
         # Describe requests are always a batch of one, as in TorchServe.
         predicts = [item for item in live if item[1].kind != "describe"]
-        for group in [predicts, *([item] for item in live if item[1].kind == "describe")]:
-            if group:
-                self._answer(group, now)
+        groups = [g for g in [predicts, *([i] for i in live if i[1].kind == "describe")] if g]
+        held: list[bytes] = []
+        for index, group in enumerate(groups):
+            held = self._answer(group, now, take_next and index == len(groups) - 1)
+        return held
 
-    def _answer(self, group: list[tuple[bytes, Request]], dequeued: float) -> None:
+    def _deadline(self, request: Request) -> float:
+        """When ``request`` stops being worth running (wall clock; 0: never)."""
+        if request.deadline > 0:
+            return request.deadline
+        if self._client_timeout > 0:
+            return request.enqueued + self._client_timeout
+        return 0.0
+
+    def _answer(
+        self, group: list[tuple[bytes, Request]], dequeued: float, take_next: bool
+    ) -> list[bytes]:
         batch = [to_inference_request(request) for _, request in group]
         self._handling = True
         try:
-            replies = [to_reply(r, dequeued) for r in self._runner.handle(batch)]
+            replies = [to_reply(r, dequeued) for r in self._runner.handle(batch, defer=True)]
             if len(replies) != len(group):
                 raise HandlerFailure(500, "Number of batch response mismatched")
         except HandlerFailure as exc:
@@ -321,29 +465,46 @@ class OnlineLoop:
         finally:
             self._handling = False
             self._progress = time.monotonic()
-        self._deliver(group, replies)
+        held = self._deliver(group, replies, take_next)
+        # After the replies are out: the batch's metrics (batch size, handler metrics).
+        self._runner.observe_deferred()
+        return held
 
-    def _deliver(self, group: list[tuple[bytes, Request]], replies: list[Reply]) -> None:
+    def _deliver(
+        self, group: list[tuple[bytes, Request]], replies: list[Reply], take_next: bool = False
+    ) -> list[bytes]:
         """Push the replies of a batch and take its frames off the in-flight list, riding
-        out a Redis outage of up to :data:`REPLY_RETRY_S` seconds.
+        out a Redis outage of up to :data:`REPLY_RETRY_S` seconds; with ``take_next``,
+        the same pipeline takes the first frame of the next batch. Returns the frames
+        the in-flight list holds once the batch is acknowledged (what the worker took
+        and has not served: that frame, or ``[]``).
 
         A reply must not be dropped: its frame would stay in the in-flight list of a live
         worker (Redis keeps it across a restart), which the waiting API counts as still
         being worked on, so its client would wait until its own timeout. Pushing a reply
-        twice (the first attempt applied, its answer lost) is harmless: the API pops one
-        and the list expires. Past the limit the error goes up to the loop; the waiting
-        APIs have answered 503 by then (``control.core.dispatch`` rides out 30 s).
+        twice (the first attempt applied, its answer lost) is harmless: the listener
+        pops one and ignores a reply to a request it no longer waits for. A take whose
+        answer was lost (redis-py retries a pipeline after a connection error) is not
+        lost either: the pipeline counts the in-flight list, and any frame there but
+        unknown is read back and served. Past the limit the error goes up to the loop;
+        the waiting APIs have answered 503 by then (``control.core.dispatch`` rides out
+        30 s).
         """
         outage = Outage("online loop replies", log)
         give_up = time.monotonic() + REPLY_RETRY_S
+        # A stop requested while the batch ran: take nothing more.
+        take_next = take_next and not self._stop.is_set()
         while True:
             pipe = self._r.pipeline(transaction=False)
             for (frame, request), reply in zip(group, replies, strict=True):
                 # The reply before the LREM: a waiting API never sees the request nowhere.
-                _push_reply(pipe, request.id, reply)
+                _push_reply(pipe, request.reply_key, reply.to(request.id))
                 pipe.lrem(self._inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
+            if take_next:
+                self._batcher.prefetch(pipe)
+                pipe.llen(self._inflight)
             try:
-                pipe.execute()
+                results = pipe.execute()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() >= give_up:
                     raise
@@ -352,11 +513,19 @@ class OnlineLoop:
                 self._progress = time.monotonic()
                 continue
             outage.recovered()
-            return
+            if not take_next:
+                return []
+            taken = [] if (moved := _frame(results[-2])) is None else [moved]
+            if int(results[-1]) == len(taken):
+                return taken
+            # More in the in-flight list than this pipeline took: an earlier take whose
+            # answer was lost. Everything there is this worker's and unserved; oldest
+            # (rightmost) first.
+            stray = [_frame(f) for f in reversed(self._r.lrange(self._inflight, 0, -1))]
+            return [f for f in stray if f is not None]
 
 
-def _push_reply(pipe: Any, request_id: str, reply: Reply) -> None:
-    key = keys.reply(request_id)
+def _push_reply(pipe: Any, key: str, reply: Reply) -> None:
     pipe.lpush(key, reply.frame())
     pipe.pexpire(key, REPLY_TTL_MS)
 
@@ -365,19 +534,21 @@ def answer_all(client: redis.Redis, inflight: str, status: int, message: str) ->
     """Answer every request left in an in-flight list with an error; returns the count.
 
     Used by the supervisor for a worker that died: TorchServe answers the batch it was
-    running with ``Worker died.``; nothing is silently lost or run twice. A frame that
-    does not parse is answered too when its id is readable, else just dropped (logged):
-    no frame makes this raise; only Redis errors do.
+    running with ``Worker died.``; nothing is silently lost or run twice. Each reply goes
+    to the frame's reply list (its ``reply_to``, else ``keys.reply(id)``) and names the
+    request. A frame that does not parse is answered too when its id is readable, else
+    just dropped (logged): no frame makes this raise; only Redis errors do.
     """
     frames = client.lrange(inflight, 0, -1)
     pipe = client.pipeline(transaction=False)
     for frame in frames:
         raw = frame if isinstance(frame, bytes) else str(frame).encode()
-        rid = readable_id(raw)
-        if rid is None:
+        address = reply_address(raw)
+        if address is None:
             log.error("dropping an unreadable frame from %s", inflight)
             continue
-        _push_reply(pipe, rid, Reply(status=status, error=message))
+        rid, key = address
+        _push_reply(pipe, key, Reply(status=status, error=message).to(rid))
     pipe.delete(inflight)
     pipe.execute()
     return len(frames)
@@ -400,15 +571,17 @@ def answer_frames(
     client: redis.Redis, inflight: str, frames: list[bytes], status: int, message: str
 ) -> int:
     """Answer those of ``frames`` still in ``inflight`` with an error, removing them;
-    returns how many were answered. Frames whose id is unreadable are just removed."""
+    returns how many were answered (on each frame's reply list, naming its request).
+    Frames whose id is unreadable are just removed."""
     script = client.register_script(_ANSWER_IF_HELD)
     answered = 0
     for frame in frames:
-        rid = readable_id(frame)
-        if rid is None:
+        address = reply_address(frame)
+        if address is None:
             client.lrem(inflight, 1, frame)  # type: ignore[arg-type]  # bytes are fine
             continue
-        reply = Reply(status=status, error=message).frame()
+        rid, key = address
+        reply = Reply(status=status, error=message).to(rid).frame()
         args: list[Any] = [frame, reply, REPLY_TTL_MS]
-        answered += int(script(keys=[inflight, keys.reply(rid)], args=args))
+        answered += int(script(keys=[inflight, key], args=args))
     return answered
