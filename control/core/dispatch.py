@@ -195,7 +195,7 @@ class Dispatcher:
         #: 128 random bits: no two API processes share a reply list.
         self.listener_id = listener or secrets.token_hex(16)
         self.replies = keys.replies(self.listener_id)
-        self._push = client.register_script(_PUSH)
+        self._push = _Pipelined(client, _PUSH)
         self._alive = client.register_script(_ALIVE)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -214,7 +214,7 @@ class Dispatcher:
 
     async def lookup(self, model: str, version: str | None) -> str:
         """The registered version (the default when None); TorchServe's 404s when unknown."""
-        code, resolved = await self._push(keys=[], args=self._route_args(model, version, b""))
+        code, resolved = await self._push(self._route_args(model, version, b""))
         ver = _text(resolved)
         _raise_missing(int(code), model, ver)
         return ver
@@ -248,7 +248,7 @@ class Dispatcher:
         # is read.
         self._waiting[rid] = waiter
         try:
-            code, resolved = await self._push(keys=[], args=self._route_args(model, version, frame))
+            code, resolved = await self._push(self._route_args(model, version, frame))
             ver = _text(resolved)
             code = int(code)
             _raise_missing(code, model, ver)
@@ -366,6 +366,76 @@ class Dispatcher:
         while not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=OUTAGE_PAUSE)
+
+
+class _Pipelined:
+    """One Lua script (no KEYS) called by many coroutines, the calls of one event-loop
+    iteration sent as one pipeline: under load the requests that arrived together cost
+    one write and one read, not one each (auto-pipelining). A lone call (a quiet server)
+    is sent at once, as the plain script call it is; nothing waits for a batch to fill.
+
+    Each caller gets its own result or exception; a connection error fails the calls of
+    its batch (the ports answer 503), as it would fail them one by one.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, source: str) -> None:
+        self._r = client
+        self._script = client.register_script(source)
+        self._queued: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def sha(self) -> str:
+        """The script's SHA1, as EVALSHA names it."""
+        return str(self._script.sha)
+
+    async def __call__(self, args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((args, future))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush, loop)
+        return await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._queued = self._queued, []
+        task = loop.create_task(self._send(batch))
+        self._tasks.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                results: list[Any] = [await self._script(keys=[], args=batch[0][0])]
+            else:
+                results = await self._pipeline([args for args, _ in batch])
+        except BaseException as exc:  # handed to every caller of the batch
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _pipeline(self, calls: list[list[Any]]) -> list[Any]:
+        for attempt in range(2):
+            pipe = self._r.pipeline(transaction=False)
+            for args in calls:
+                pipe.evalsha(self._script.sha, 0, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                # Redis restarted (its script cache is empty): load it, send them again.
+                await self._r.script_load(self._script.script)
+                continue
+            return results
+        return results
 
 
 def _text(value: object) -> str:

@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from control.core import keys
 
 _LEN = struct.Struct(">I")
@@ -38,7 +40,12 @@ class FrameError(ValueError):
 
 def pack(header: dict[str, Any], payload: bytes = b"") -> bytes:
     """Frame ``header`` (JSON-serialisable) and ``payload``."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    # orjson: compact, and several times faster than json on the request path; json
+    # for what orjson refuses (integers past 64 bits: only in frames built to be bad).
+    try:
+        head = orjson.dumps(header)
+    except TypeError:
+        head = json.dumps(header, separators=(",", ":")).encode()
     return _LEN.pack(len(head)) + head + payload
 
 
@@ -52,7 +59,7 @@ def unpack(frame: bytes) -> tuple[dict[str, Any], bytes]:
     if size > MAX_HEADER or _LEN.size + size > len(frame):
         raise FrameError("frame header length out of range")
     try:
-        header = json.loads(frame[_LEN.size : _LEN.size + size])
+        header = orjson.loads(frame[_LEN.size : _LEN.size + size])
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
         raise FrameError(f"frame header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -216,7 +223,7 @@ def answers(reply_frame: bytes, request_id: str) -> bool:
 
 def reply_prefix(request_id: str) -> bytes:
     """How the header of a reply to ``request_id`` begins."""
-    return b'{"id":' + json.dumps(request_id).encode()
+    return b'{"id":' + orjson.dumps(request_id)
 
 
 def reply_address(frame: bytes) -> tuple[str, str] | None:

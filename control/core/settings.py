@@ -195,6 +195,8 @@ _INT_KEYS = {
     "unregister_model_timeout",
     "stop_grace",
     "orphan_grace",
+    "api_processes",
+    "api_threads",
 }
 _STR_KEYS = {
     "worker_start_method",
