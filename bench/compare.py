@@ -389,16 +389,24 @@ class _Runner:
 
     def unregister(self, server: str, model: str) -> None:
         self.servers[server].endpoint.call("DELETE", f"/models/{model}")
-        self.wait_workers(server, 0)
+        left = self.wait_workers(server, 0)
+        if left:
+            # Seen with TorchServe: a worker of an unregistered model that never exits.
+            # The next measures count at least their own workers, so this is only noted.
+            self.say(f"bench: {server} still runs worker(s) {left} after unregistering {model}")
 
     def wait_workers(self, server: str, count: int) -> list[int]:
-        """Until the server runs exactly ``count`` worker processes; their pids."""
+        """Until the server runs ``count`` worker processes (for ``count`` > 0: at least
+        that many, as a server may still be ending a worker of an earlier model); their
+        pids. Waiting for 0 gives up after the timeout and returns what is left."""
         deadline = time.monotonic() + WORKERS_TIMEOUT_S
         while True:
             pids = self.servers[server].worker_pids()
-            if len(pids) == count:
+            if (len(pids) >= count > 0) or len(pids) == count == 0:
                 return pids
             if time.monotonic() > deadline:
+                if count == 0:
+                    return pids
                 raise BenchError(f"{server} runs {len(pids)} worker processes, expected {count}")
             time.sleep(0.1)
 

@@ -296,6 +296,8 @@ class Server:
             pids = []
             for proc in _tree(self.root_pid):
                 with contextlib.suppress(psutil.Error):
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue  # exited, not yet reaped by the frontend
                     if any("model_service_worker" in part for part in proc.cmdline()):
                         pids.append(proc.pid)
             return sorted(pids)
