@@ -95,6 +95,10 @@ def config_properties(
         f"inference_address=http://127.0.0.1:{ports['inference']}",
         f"management_address=http://127.0.0.1:{ports['management']}",
         f"metrics_address=http://127.0.0.1:{ports['metrics']}",
+        # Both servers open gRPC ports too (7070/7071 by default): free ones, so that
+        # the two never collide.
+        f"grpc_inference_port={ports['grpc_inference']}",
+        f"grpc_management_port={ports['grpc_management']}",
         "disable_token_authorization=true",
         "enable_model_api=true",
         f"model_store={model_store}",
@@ -457,8 +461,8 @@ def running(
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    names = ("inference", "management", "metrics")
-    ports = dict(zip(names, free_ports(3), strict=True))
+    names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     config = home / "config.properties"
     log = home / "server.log"
     if kind == "torchserve":

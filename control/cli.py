@@ -209,7 +209,7 @@ def status() -> None:
 @click.option("--models", multiple=True, help="Models to register at startup, as for start.")
 @click.option("--enable-model-api", is_flag=True, help="Allow registering and deleting models.")
 @click.option("--disable-token-auth", "--dt", is_flag=True, help="Serve without API keys.")
-@click.option("--check", is_flag=True, help="Exit 0 when the three API ports answer.")
+@click.option("--check", is_flag=True, help="Exit 0 when the API ports (HTTP and gRPC) answer.")
 def api(
     ts_config: Path | None,
     model_store: Path | None,
@@ -219,7 +219,7 @@ def api(
     disable_token_auth: bool,
     check: bool,
 ) -> None:
-    """Run the management, inference and metrics APIs in the foreground (no supervisor).
+    """Run the management, inference, metrics and gRPC APIs in the foreground (no supervisor).
 
     For a container or host that serves the APIs while supervisors run elsewhere
     against the same Redis; --redis-url is required.

@@ -14,6 +14,18 @@ one Redis round trip to enqueue, and no thread and no connection while it waits:
   request id. One listener task per process pops them in batches (BLMPOP) and resolves
   the waiting requests' futures. The listener survives Redis errors (it pauses and
   reconnects); a reply for nobody (its request already answered) is dropped.
+* **Streams** (:meth:`Dispatcher.stream`): a handler that streams
+  (``send_intermediate_predict_response``) answers one request with several replies,
+  intermediate pieces (``Reply.more``) then the final reply, pushed to the same reply
+  list as they are produced. A streaming caller's request gets a queue of pieces (:class:`_Pieces`)
+  instead of a future, fed by the same listener, and is handed each piece as it comes
+  (nothing buffers the whole answer); the liveness rule below applies while it waits
+  for each piece (its worker holds the request until the final reply). A caller that
+  stops reading before the end sets the request's cancel key (``keys.cancel``): the
+  worker's next piece for it sees it and the handler is stopped. A plain
+  :meth:`Dispatcher.send` caller gets the first reply, as TorchServe's unary calls do
+  (gRPC ``Predictions`` answers a streaming handler with its first piece): a piece
+  with ``more`` set, whose successors are dropped as replies for nobody.
 
 How long a request waits. As TorchServe: a request waits in the queue for as long as a
 worker that can take it exists, then its worker has ``response_timeout`` seconds for
@@ -37,12 +49,13 @@ then is answered 503; an enqueue that fails goes up at once (the ports answer 50
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -197,7 +210,10 @@ class Dispatcher:
         self.replies = keys.replies(self.listener_id)
         self._push = _Pipelined(client, _PUSH)
         self._alive = client.register_script(_ALIVE)
-        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        #: Requests awaiting replies: a future (one reply) or a queue (a stream's pieces).
+        self._waiting: dict[str, asyncio.Future[Reply] | _Pieces] = {}
+        #: Cancel-key writes in flight (strong references until done).
+        self._cancels: set[asyncio.Task[Any]] = set()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Done when the listener's pop in progress has been handled (see _found_nowhere).
@@ -256,7 +272,9 @@ class Dispatcher:
                 raise NoWorker("no worker")
             if code == _QUEUE_FULL:
                 raise QueueFull("queue full")
-            reply = await self._await(request, ver, frame, waiter)
+            reply = await self._await(
+                request, ver, frame, lambda: asyncio.shield(waiter), waiter.done
+            )
         finally:
             self._waiting.pop(rid, None)
         if reply.error is not None and reply.reason == VERSION_GONE:
@@ -264,24 +282,102 @@ class Dispatcher:
         queued = max(reply.dequeued - now, 0.0) if reply.dequeued else 0.0
         return Delivery(reply, queued, ver)
 
+    async def stream(
+        self,
+        model: str,
+        version: str | None,
+        parts: tuple[Part, ...],
+        headers: dict[str, str],
+        request_id: str | None = None,
+        kind: str = "predict",
+    ) -> AsyncGenerator[Delivery, None]:
+        """Queue one request as :meth:`send` does and yield its replies as they come.
+
+        Yields each intermediate piece (``reply.more`` True), then the final reply
+        (``more`` False, or an error reply, which ends a stream too) and stops; an
+        answer that does not stream is one delivery, the final one. Raises what
+        :meth:`send` raises, before the first delivery or while waiting for a later
+        one (``Worker died.`` when the worker is lost mid-stream). ``kind="stream"``
+        asks the worker to run the request as a batch of one.
+
+        Closing the iterator before the final reply (``aclose``, or a consumer that
+        goes away) forgets the request, whose later pieces are dropped, and sets its
+        cancel key so that the worker stops the handler at its next piece.
+        """
+        rid = request_id or uuid.uuid4().hex
+        now = self._clock()
+        request = Request(
+            id=rid, model=model, version=version or "", deadline=0.0, enqueued=now,
+            headers=headers, parts=parts, kind=kind, reply_to=self.replies,
+        )  # fmt: skip
+        frame = request.frame()
+        self._ensure_listener()
+        pieces = _Pieces()
+        self._waiting[rid] = pieces  # before the push, as in send
+        queued_ok, finished = False, False
+        try:
+            code, resolved = await self._push(self._route_args(model, version, frame))
+            ver = _text(resolved)
+            code = int(code)
+            _raise_missing(code, model, ver)
+            if code == _NO_WORKER:
+                raise NoWorker("no worker")
+            if code == _QUEUE_FULL:
+                raise QueueFull("queue full")
+            queued_ok = True
+            while not finished:
+                reply = await self._await(request, ver, frame, pieces.get, pieces.arrived)
+                if reply.error is not None and reply.reason == VERSION_GONE:
+                    raise NoWorker("version unregistered")
+                finished = not reply.more or reply.error is not None
+                queued = max(reply.dequeued - now, 0.0) if reply.dequeued else 0.0
+                yield Delivery(reply, queued, ver)
+        finally:
+            self._waiting.pop(rid, None)
+            if queued_ok and not finished:
+                self._cancel(rid)
+
+    def _cancel(self, request_id: str) -> None:
+        """Set ``request_id``'s cancel key, in the background: called where awaiting
+        is not possible (a closing generator), and nobody waits for the outcome."""
+
+        async def write() -> None:
+            try:
+                await self._r.set(keys.cancel(request_id), b"1", px=keys.REPLY_TTL_MS)
+            except redis.RedisError as exc:  # the stream then runs to its end, unread
+                log.warning("could not cancel stream %s: %s", request_id, exc)
+
+        try:
+            task = asyncio.get_running_loop().create_task(write())
+        except RuntimeError:  # no loop any more (a generator closed at shutdown)
+            return
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
     async def _await(
-        self, request: Request, ver: str, frame: bytes, waiter: asyncio.Future[Reply]
+        self,
+        request: Request,
+        ver: str,
+        frame: bytes,
+        get: Callable[[], Awaitable[Reply]],
+        arrived: Callable[[], bool],
     ) -> Reply:
-        """The reply, checking every BLOCK_CHUNK seconds that the request lives."""
+        """The next reply (``get``; ``arrived``: whether one is there to get), checking
+        every BLOCK_CHUNK seconds that the request lives."""
         outage = _Outage()
         while True:
             try:
-                return await asyncio.wait_for(asyncio.shield(waiter), BLOCK_CHUNK)
+                return await asyncio.wait_for(get(), BLOCK_CHUNK)
             except TimeoutError:
                 pass
             verdict = 1
             async with outage.tolerated():
                 verdict = await self._check(request, ver, frame)
-            if verdict == 1 or waiter.done():
+            if verdict == 1 or arrived():
                 continue
             if verdict == -1:
                 raise NoWorker("no worker left")
-            if not await self._found_nowhere(waiter):
+            if not await self._found_nowhere(arrived):
                 continue
             raise InternalServerException("Worker died.")
 
@@ -295,14 +391,14 @@ class Dispatcher:
             )
         )  # fmt: skip
 
-    async def _found_nowhere(self, waiter: asyncio.Future[Reply]) -> bool:
+    async def _found_nowhere(self, arrived: Callable[[], bool]) -> bool:
         """After a "found nowhere" verdict: True when the reply still has not come once
         the listener has handled the pop it had in progress (which may hold it)."""
         current = self._round
         if current is not None and not current.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(current)
-        return not waiter.done()
+        return not arrived()
 
     # -- the reply listener ---------------------------------------------------------
 
@@ -348,7 +444,9 @@ class Dispatcher:
                 log.error("reply listener: dropping a malformed reply: %s", exc)
                 continue
             waiter = self._waiting.get(reply.id)
-            if waiter is not None and not waiter.done():
+            if isinstance(waiter, _Pieces):
+                waiter.put(reply)  # a stream: every piece, in order
+            elif waiter is not None and not waiter.done():
                 waiter.set_result(reply)
 
     async def close(self) -> None:
@@ -366,6 +464,36 @@ class Dispatcher:
         while not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=OUTAGE_PAUSE)
+
+
+class _Pieces:
+    """The replies of one streaming request, in order: put by the listener, got by the
+    streaming caller. Like an ``asyncio.Queue``, but :meth:`get` hands out a plain
+    future (a timeout that cancels it loses nothing), so waiting for a piece with a
+    timeout creates no task: every prediction of the inference port waits this way."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Reply] = collections.deque()
+        self._getter: asyncio.Future[Reply] | None = None
+
+    def put(self, reply: Reply) -> None:
+        getter, self._getter = self._getter, None
+        if getter is not None and not getter.done():
+            getter.set_result(reply)
+        else:
+            self._items.append(reply)
+
+    def arrived(self) -> bool:
+        """Whether a piece is there for :meth:`get` to hand out at once."""
+        return bool(self._items)
+
+    def get(self) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        if self._items:
+            future.set_result(self._items.popleft())
+        else:
+            self._getter = future
+        return future
 
 
 class _Pipelined:

@@ -30,8 +30,12 @@ from control.core import keys
 _LEN = struct.Struct(">I")
 #: Largest header accepted; a header is metadata, not data.
 MAX_HEADER = 1024 * 1024
-#: What a request asks of a worker: a prediction, or customized metadata (describe).
-KINDS = ("predict", "describe")
+#: What a request asks of a worker: a prediction, customized metadata (describe), or a
+#: prediction its caller streams and wants run alone (``stream``: gRPC
+#: ``StreamPredictions``). ``describe`` and ``stream`` requests are batches of one.
+KINDS = ("predict", "describe", "stream")
+#: The kinds a worker never batches with another request.
+SOLO_KINDS = frozenset({"describe", "stream"})
 
 
 class FrameError(ValueError):
@@ -89,7 +93,8 @@ class Request:
     enqueued: float
     headers: dict[str, str] = field(default_factory=dict)
     parts: tuple[Part, ...] = ()
-    #: ``predict`` or ``describe`` (customized metadata, always a batch of one).
+    #: ``predict``, ``describe`` (customized metadata) or ``stream`` (a prediction run
+    #: as a batch of one, :data:`SOLO_KINDS`).
     kind: str = "predict"
     #: The reply list to answer on (an API process's shared list, ``keys.replies``);
     #: ``""``: the request's own list, ``keys.reply(id)``. See :func:`reply_address`.
@@ -169,6 +174,11 @@ class Reply:
     #: in the header, so :func:`answers` can tell without parsing). ``""`` on a
     #: request's own list.
     id: str = ""
+    #: An intermediate piece of a streamed answer (the handler's
+    #: ``send_intermediate_predict_response``): more replies to the same request follow,
+    #: the last of them with ``more`` False. In the frame only when True, so frames
+    #: without it (every non-streamed reply, and those of older workers) are final.
+    more: bool = False
 
     def frame(self) -> bytes:
         header: dict[str, Any] = {"id": self.id} if self.id else {}
@@ -176,6 +186,8 @@ class Reply:
             "status": self.status, "reason": self.reason, "headers": self.headers,
             "content_type": self.content_type, "error": self.error, "dequeued": self.dequeued,
         }  # fmt: skip
+        if self.more:
+            header["more"] = True
         return pack(header, self.body)
 
     @classmethod
@@ -190,13 +202,16 @@ class Reply:
         if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
             raise FrameError(f"reply status {status!r} is not an HTTP status")
         content_type, error = header.get("content_type"), header.get("error")
+        more = header.get("more", False)
+        if not isinstance(more, bool):
+            raise FrameError("more is not a boolean")
         return cls(
             status=status, body=body, reason=_text(header.get("reason", ""), "reason"),
             headers=_headers(header.get("headers", {})),
             content_type=None if content_type is None else _text(content_type, "content type"),
             error=None if error is None else _text(error, "error"),
             dequeued=_number(header.get("dequeued", 0.0), "dequeued"),
-            id=_text(header.get("id", ""), "id"),
+            id=_text(header.get("id", ""), "id"), more=more,
         )  # fmt: skip
 
     def to(self, request_id: str) -> Reply:

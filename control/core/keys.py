@@ -76,6 +76,10 @@ Two queues per model version; the names say which (``online_queue``, ``batch_que
                                         has waiting (``reply_to`` in the request frame; each
                                         reply names its request id). One task per process
                                         pops them all (``control.core.dispatch``).
+``mqs:cancel:{request_id}``      STRING + TTL: set by the API when the client of a streamed
+                                        answer went away; the worker's next intermediate
+                                        send for that request sees it and stops the stream
+                                        (``workers.worker.serving.ReplyStream``).
 ``mqs.q.{name}.{ver}``           LIST   the BATCH queue: the model version's Celery queue
                                         (kombu's list of task messages): batch-job chunks and
                                         Celery-native ``mqserve.predict`` tasks. Counted by
@@ -198,6 +202,11 @@ def reply(request_id: str) -> str:
 def replies(listener: str) -> str:
     """LIST of the replies to all requests of one API process (its reply listener)."""
     return f"{REPLY_PREFIX}p:{listener}"
+
+
+def cancel(request_id: str) -> str:
+    """STRING (with TTL): the client of streamed request ``request_id`` went away."""
+    return f"{PREFIX}:cancel:{request_id}"
 
 
 def job(job_id: str) -> str:

@@ -58,6 +58,24 @@ class Settings:
     #: that want honest back-pressure (config key ``queue_full_status``).
     queue_full_status: int = 503
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
+    #: ``max_response_size``: the largest message the gRPC ports send (TorchServe's
+    #: default; the HTTP ports send handlers' answers whatever their size).
+    max_response_size: int = DEFAULT_MAX_REQUEST_SIZE
+    #: TorchServe's gRPC ports (``control.grpc``): bind host and port of each service.
+    grpc_inference_address: str = "127.0.0.1"
+    grpc_inference_port: int = 7070
+    grpc_management_address: str = "127.0.0.1"
+    grpc_management_port: int = 7071
+    #: ``grpc_{inference,management}_max_connection_age[_grace]_ms``: close a client's
+    #: connection after that long (then let its calls finish for the grace); None:
+    #: never (TorchServe's default).
+    grpc_inference_max_connection_age_ms: int | None = None
+    grpc_inference_max_connection_age_grace_ms: int | None = None
+    grpc_management_max_connection_age_ms: int | None = None
+    grpc_management_max_connection_age_grace_ms: int | None = None
+    #: ``enable_grpc_ssl``: TorchServe serves gRPC over TLS with its HTTPS certificate;
+    #: mqserve has no certificate settings (TLS ends in a proxy), so true is refused.
+    enable_grpc_ssl: bool = False
     default_response_timeout: int = 120
     default_startup_timeout: int = 120
     unregister_model_timeout: int = 120
@@ -139,6 +157,10 @@ class Settings:
         address = getattr(self, f"{which}_address")
         return parse_address(address)
 
+    def grpc_bind(self, which: str) -> tuple[str, int]:
+        """``(host, port)`` of the gRPC service ``which`` (``inference``, ``management``)."""
+        return getattr(self, f"grpc_{which}_address"), getattr(self, f"grpc_{which}_port")
+
     @property
     def token_auth(self) -> bool:
         """True when requests must carry a bearer key (TorchServe's default since 0.11.1)."""
@@ -197,6 +219,13 @@ _INT_KEYS = {
     "orphan_grace",
     "api_processes",
     "api_threads",
+    "max_response_size",
+    "grpc_inference_port",
+    "grpc_management_port",
+    "grpc_inference_max_connection_age_ms",
+    "grpc_inference_max_connection_age_grace_ms",
+    "grpc_management_max_connection_age_ms",
+    "grpc_management_max_connection_age_grace_ms",
 }
 _STR_KEYS = {
     "worker_start_method",
@@ -204,12 +233,15 @@ _STR_KEYS = {
     "management_address",
     "metrics_address",
     "default_service_handler",
+    "grpc_inference_address",
+    "grpc_management_address",
 }
 _BOOL_KEYS = {
     "enable_model_api",
     "disable_token_authorization",
     "model_metrics_auto_detect",
     "enable_access_log",
+    "enable_grpc_ssl",
 }
 _ENV_REF = re.compile(r"\$\$([A-Za-z_][A-Za-z0-9_]*)\$\$")
 
@@ -279,6 +311,7 @@ def validate(settings: Settings) -> None:
             raise SettingsError(f"allowed_urls entry {pattern!r} is not a regex: {exc}") from exc
     if settings.max_request_size <= 0:
         raise SettingsError("max_request_size must be positive")
+    _validate_grpc(settings)
     if settings.job_queue_size <= 0:
         raise SettingsError("job_queue_size must be positive")
     if settings.max_workers_per_model <= 0:
@@ -294,3 +327,27 @@ def validate(settings: Settings) -> None:
             load_metrics_config(settings.metrics_config)
         except MetricsConfigError as exc:
             raise SettingsError(f"metrics_config: {exc}") from exc
+
+
+def _validate_grpc(settings: Settings) -> None:
+    """The gRPC keys: message limit, ports in range, bare hosts, ages positive, no TLS
+    (see :attr:`Settings.enable_grpc_ssl`)."""
+    if settings.max_response_size <= 0:
+        raise SettingsError("max_response_size must be positive")
+    if settings.enable_grpc_ssl:
+        raise SettingsError(
+            "enable_grpc_ssl=true needs certificate_file and private_key_file, which mqserve "
+            "does not support; terminate TLS in a proxy in front of the gRPC ports"
+        )
+    for which in ("inference", "management"):
+        host, port = settings.grpc_bind(which)
+        if not 0 < port < 65536:
+            raise SettingsError(f"grpc_{which}_port must be between 1 and 65535, got {port}")
+        if not host or "://" in host or "/" in host:
+            raise SettingsError(
+                f"grpc_{which}_address must be a bare host such as 127.0.0.1, got {host!r}"
+            )
+        for suffix in ("max_connection_age_ms", "max_connection_age_grace_ms"):
+            value = getattr(settings, f"grpc_{which}_{suffix}")
+            if value is not None and value <= 0:
+                raise SettingsError(f"grpc_{which}_{suffix} must be positive")

@@ -178,7 +178,12 @@ class KeyDigests:
 
 def bearer(req: falcon.Request) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header, if well-formed."""
-    header = req.get_header("Authorization")
+    return bearer_key(req.get_header("Authorization"))
+
+
+def bearer_key(header: str | None) -> str | None:
+    """The key of an ``Authorization`` value ``Bearer <key>`` (an HTTP header or gRPC
+    metadata), if well-formed."""
     if header is None:
         return None
     match = _BEARER.match(header)

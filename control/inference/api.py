@@ -8,21 +8,32 @@ headers, content type and raw body, which are sent back as they are.
 The app is ASGI: a request waiting for its body or its reply is a suspended coroutine,
 so slow or idle clients cost no thread. A model that is unknown is a 404 once the
 body has been read (the enqueue script resolves the version: one round trip).
+
+Streaming (TorchServe's HTTP streaming): when the first reply is an intermediate piece
+(the handler called ``send_intermediate_predict_response``), the answer is chunked
+(``Transfer-Encoding: chunked``, no Content-Length) with the status, headers and
+Content-Type of that first piece (``ts_stream_next: true`` among them), one chunk per
+piece as it arrives and one for the final reply, whose headers cannot be sent any
+more. A client that disconnects ends the forwarding at once and cancels the stream
+(the worker stops the handler at its next piece). An error after the head was sent
+(the handler failed mid-stream, the worker died) cannot change the status: the
+response ends after the pieces already sent, and the error is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qs, parse_qsl
 
 import falcon
 import falcon.asgi
 
-from control.core.dispatch import Dispatcher, NoWorker, QueueFull
+from control.core.dispatch import Delivery, Dispatcher, NoWorker, QueueFull
 from control.core.envelope import Part, Reply
 from control.core.errors import (
     BadRequestException,
@@ -33,6 +44,8 @@ from control.core.errors import (
 from control.core.settings import Settings
 from control.http.common import new_app, read_body, segments, send_json
 from control.http.openapi import load_description
+
+log = logging.getLogger(__name__)
 
 NO_WORKER = (
     "has no worker to serve inference request. Please use scale workers API to add "
@@ -158,24 +171,85 @@ class InferenceRoutes:
         headers["explain"] = "True" if explain else "False"
         headers["url_path"] = url_path
         parts = await read_parts(req, self._settings.max_request_size, query)
+        replies = self._dispatch.stream(model, version, parts, headers, req.context.request_id)
         try:
-            outcome = await self._dispatch.send(
-                model, version, parts, headers, req.context.request_id
-            )
+            outcome = await anext(replies)
         except NoWorker:
             raise ServiceUnavailableException(no_worker_message(model, version)) from None
         except QueueFull:
             self._queue_full(resp, model, version)
             return
         reply = outcome.reply
+        if reply.more and reply.error is None:
+            write_head(resp, reply)
+            resp.stream = self._chunks(req, reply, replies, model, version, started)
+            return
+        await replies.aclose()
         if reply.error is not None:
             raise InternalServerException(reply.error, reply.status)
         write_reply(resp, reply)
+        self._record(model, version, started, outcome)
+
+    def _record(self, model: str, version: str | None, started: float, outcome: Delivery) -> None:
         if self._recorder is not None:
             elapsed_us = (time.monotonic() - started) * 1e6
             self._recorder.inference(
                 model, version or "default", elapsed_us, outcome.queue_seconds * 1e6
             )
+
+    async def _chunks(
+        self,
+        req: Req,
+        first: Reply,
+        replies: AsyncGenerator[Delivery, None],
+        model: str,
+        version: str | None,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        """The body of a streamed answer: the first piece's, then one chunk per reply
+        until the final one; ends early (cancelling the stream) when the client goes
+        away, and after the pieces sent when the stream fails (logged)."""
+        gone = _disconnect_watch(req)
+        piece: asyncio.Task[Delivery] | None = None
+        try:
+            if first.body:  # an empty chunk would end a chunked body: skipped
+                yield first.body
+            while True:
+                piece = asyncio.ensure_future(anext(replies))
+                waited: set[asyncio.Future[Any]] = {piece} if gone is None else {piece, gone}
+                await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+                if not piece.done():
+                    log.info("stream %s: the client went away", req.context.request_id)
+                    return
+                try:
+                    outcome = piece.result()
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:  # the worker died, no worker left, Redis away
+                    log.warning("stream %s ended early: %s", req.context.request_id, exc)
+                    return
+                reply = outcome.reply
+                if reply.error is not None:
+                    # TorchServe defines no answer to an error once the head is out: the
+                    # status cannot change, so the response ends with what was sent.
+                    log.warning(
+                        "stream %s: handler failed mid-stream (%s %s); ending the response",
+                        req.context.request_id, reply.status, reply.error,
+                    )  # fmt: skip
+                    return
+                if reply.body:
+                    yield reply.body
+                if not reply.more:
+                    self._record(model, version, started, outcome)
+                    return
+        finally:
+            for task in (piece, gone):
+                if task is not None and not task.done():
+                    task.cancel()
+            if piece is not None:
+                # The generator must not be running when it is closed.
+                await asyncio.wait({piece})
+            await replies.aclose()
 
     def _queue_full(self, resp: Resp, model: str, version: str | None) -> None:
         if self._settings.queue_full_status == 429:
@@ -266,11 +340,37 @@ def _multipart_fields(req: Req, body: bytes, content_type: str) -> list[Part]:
 
 def write_reply(resp: Resp, reply: Reply) -> None:
     """The handler's status, headers, content type (only if set) and raw body."""
+    write_head(resp, reply)
+    resp.data = reply.body
+
+
+def write_head(resp: Resp, reply: Reply) -> None:
+    """The handler's status, headers and content type (only if set)."""
     resp.status = f"{reply.status} {reply.reason}" if reply.reason else reply.status
     for name, value in reply.headers.items():
         resp.set_header(name, value)
     resp.content_type = reply.content_type
-    resp.data = reply.body
+
+
+def _disconnect_watch(req: Req) -> asyncio.Task[None] | None:
+    """A task that ends when the client disconnects; None where that cannot be seen.
+
+    Once the body has been read (it has, before any reply), the ASGI ``receive`` only
+    ever answers ``http.disconnect``, when the client goes. Falcon streams a body
+    without watching for it (an ASGI server's ``send`` is a silent no-op on a closed
+    connection), so the watch reads the request's ``receive``, which Falcon 4 keeps as
+    ``Request._receive`` (no public accessor; absent: no watch, the stream runs to its
+    end unread).
+    """
+    receive = getattr(req, "_receive", None)
+    if receive is None:
+        return None
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return asyncio.ensure_future(watch())
 
 
 class _StopListener:

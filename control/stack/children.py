@@ -265,7 +265,32 @@ def supervisor_child(settings: Settings, home: Home) -> Child:
     )  # fmt: skip
 
 
+def grpc_child(settings: Settings, home: Home) -> Child:
+    """The gRPC servers (``python -m control.grpc``): inference on ``grpc_inference_port``,
+    management on ``grpc_management_port``, in one asyncio process; ready once both answer
+    a gRPC ``Ping`` (``control.grpc.probe``). Stopping gives calls in flight ``stop_grace``."""
+    for which in GRPC_SERVICES:
+        ensure_free(*settings.grpc_bind(which), f"grpc_{which}_address")
+    argv = (sys.executable, "-m", "control.grpc")
+    env = {**os.environ, SETTINGS_ENV: str(home.settings_file)}
+    return Child(
+        "grpc", argv, lambda: grpc_answers(settings) == [], env,
+        stop_timeout=settings.stop_grace + 5,
+    )  # fmt: skip
+
+
+def grpc_answers(settings: Settings) -> list[str]:
+    """The gRPC services (of :data:`GRPC_SERVICES`) that do not answer; empty when up."""
+    # Lazily: grpc is loaded by the processes that probe, not by every importer.
+    from control.grpc.probe import answers_grpc
+
+    return [
+        f"grpc_{which}" for which in GRPC_SERVICES if not answers_grpc(*settings.grpc_bind(which))
+    ]
+
+
 API_PORTS = ("management", "inference", "metrics")
+GRPC_SERVICES = ("inference", "management")
 
 
 def api_children(settings: Settings, home: Home, with_supervisor: bool = True) -> list[Child]:
@@ -275,6 +300,7 @@ def api_children(settings: Settings, home: Home, with_supervisor: bool = True) -
     stack's ``api`` service runs them, with the supervisor in a container of its own.
     """
     children = [api_child(settings, home, which) for which in API_PORTS]
+    children.append(grpc_child(settings, home))
     if with_supervisor:
         children.append(supervisor_child(settings, home))
     return children

@@ -45,6 +45,7 @@ from control.stack.children import (
     LaunchError,
     Stack,
     answers_http,
+    grpc_answers,
 )
 
 __all__ = [
@@ -279,12 +280,14 @@ def stop_budget(settings: Settings) -> float:
 
 
 def api_answers(settings: Settings) -> list[str]:
-    """The API ports (of :data:`API_PORTS`) that do not answer HTTP; empty when healthy."""
-    return [which for which in API_PORTS if not answers_http(*settings.bind(which))]
+    """The API ports (of :data:`API_PORTS`) that do not answer HTTP, then the gRPC
+    services that do not answer gRPC; empty when healthy."""
+    down = [which for which in API_PORTS if not answers_http(*settings.bind(which))]
+    return down + grpc_answers(settings)
 
 
 #: The order ``mqserve status`` names the children in (their start order).
-CHILD_ORDER = ("redis", *API_PORTS, "supervisor")
+CHILD_ORDER = ("redis", *API_PORTS, "grpc", "supervisor")
 
 
 def status(home_dir: Path) -> tuple[str, bool]:

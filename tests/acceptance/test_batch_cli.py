@@ -56,6 +56,8 @@ class Stack:
             f"inference_address=http://127.0.0.1:{free_port()}\n"
             f"management_address=http://127.0.0.1:{self.port}\n"
             f"metrics_address=http://127.0.0.1:{free_port()}\n"
+            f"grpc_inference_port={free_port()}\n"
+            f"grpc_management_port={free_port()}\n"
         )
         started = self.mqserve(
             "start", "--ts-config", str(config), "--model-store", str(store), "--enable-model-api"

@@ -96,13 +96,15 @@ def test_ports_listen_on_loopback_only(servers: Callable[[], Server]) -> None:
     server = servers()
     server.start()
     listening = {
-        (conn.laddr.ip, conn.laddr.port)
+        # gRPC binds an IPv6 socket to the IPv4-mapped loopback address: still loopback.
+        (conn.laddr.ip.removeprefix("::ffff:"), conn.laddr.port)
         for proc in server.processes()
         for conn in proc.net_connections(kind="inet")
         if conn.status == psutil.CONN_LISTEN
     }
-    # The three API ports, on loopback; Redis listens on its unix socket only.
-    ports = {server.port, server.inference_port, server.metrics_port}
+    # The three HTTP ports and the two gRPC ports, on loopback; Redis listens on its
+    # unix socket only.
+    ports = {server.port, server.inference_port, server.metrics_port, *server.grpc_ports}
     assert listening == {("127.0.0.1", port) for port in ports}
 
 
@@ -278,7 +280,7 @@ def test_status_and_stop_after_the_launcher_was_killed(servers: Callable[[], Ser
     assert (status.returncode, status.stdout) == (
         1,
         "mqserve is running (launcher gone; redis, management, inference, metrics, "
-        "supervisor alive; run `mqserve stop`)\n",
+        "grpc, supervisor alive; run `mqserve stop`)\n",
     )
     assert predict(server) == 200  # the children still serve
 

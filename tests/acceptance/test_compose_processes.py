@@ -60,7 +60,8 @@ class LocalStack:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mqc-", dir="/tmp"))
-        self.ports = {name: free_port() for name in ("redis", "inference", "management", "metrics")}
+        names = ("redis", "inference", "management", "metrics", "grpc_inference", "grpc_management")
+        self.ports = {name: free_port() for name in names}
         self.store = self.root / "models"
         self.store.mkdir()
         self.compose_env = {"REDIS_PASSWORD": PASSWORD}
@@ -73,6 +74,9 @@ class LocalStack:
                 f"{which}_address=http://127.0.0.1:{self.ports[which]}",
                 config,
             )
+        for which in ("grpc_inference", "grpc_management"):
+            config = re.sub(rf"{which}_address=.*", f"{which}_address=127.0.0.1", config)
+            config += f"\n{which}_port={self.ports[which]}\n"
         config = config.replace("model_store=/models", f"model_store={self.store}")
         self.config = self.root / "config.properties"
         self.config.write_text(config)

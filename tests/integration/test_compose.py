@@ -222,7 +222,7 @@ def test_api_ports_are_published_on_loopback_by_default() -> None:
         address, _, rest = entry.partition("}:")
         assert address + "}" == "${MQSERVE_PUBLISH_ADDRESS:-127.0.0.1}", entry
         published[int(rest.rsplit(":", 1)[1])] = entry
-    assert sorted(published) == [8080, 8081, 8082]
+    assert sorted(published) == [7070, 7071, 8080, 8081, 8082]  # gRPC, then HTTP
     for name, service in stack(MAIN)["services"].items():
         if name != "api":
             assert "ports" not in service, name

@@ -91,11 +91,14 @@ class Server:
         self.port = free_port()
         self.inference_port = free_port()
         self.metrics_port = free_port()
+        self.grpc_ports = (free_port(), free_port())
         self.config = self.root / "config.properties"
         self.config.write_text(
             f"inference_address=http://127.0.0.1:{self.inference_port}\n"
             f"management_address=http://127.0.0.1:{self.port}\n"
             f"metrics_address=http://127.0.0.1:{self.metrics_port}\n"
+            f"grpc_inference_port={self.grpc_ports[0]}\n"
+            f"grpc_management_port={self.grpc_ports[1]}\n"
             f"stop_grace={STOP_GRACE}\n"
         )
         self.seen: list[psutil.Process] = []

@@ -171,7 +171,7 @@ class Echo:
     def __init__(self) -> None:
         self.batches: list[list[InferenceRequest]] = []
 
-    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+    def handle(self, batch: list[InferenceRequest], stream: object = None) -> list[InferenceReply]:
         self.batches.append(batch)
         return [
             InferenceReply(200, "", {}, None, b"".join(p.value for p in r.parameters))
@@ -180,7 +180,7 @@ class Echo:
 
 
 class Broken:
-    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+    def handle(self, batch: list[InferenceRequest], stream: object = None) -> list[InferenceReply]:
         raise RuntimeError("a bug outside the handler")
 
 
@@ -256,7 +256,9 @@ def test_the_loop_goes_on_after_redis_errors_and_bugs(client: fakeredis.FakeRedi
     calls = {"n": 0}
 
     class FlakyRunner:
-        def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+        def handle(
+            self, batch: list[InferenceRequest], stream: object = None
+        ) -> list[InferenceReply]:
             calls["n"] += 1
             if calls["n"] == 1:
                 raise KeyError("bug")
@@ -393,7 +395,9 @@ def test_chunk_problem_accepts_real_chunks() -> None:
 
 def test_handler_failure_is_still_the_handlers_status() -> None:
     class Failing:
-        def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+        def handle(
+            self, batch: list[InferenceRequest], stream: object = None
+        ) -> list[InferenceReply]:
             raise HandlerFailure(503, "busy")
 
     assert predict(Failing(), {"id": "x"}) == {"status": 503, "error": "busy"}

@@ -263,12 +263,17 @@ def test_dist_version_reads_the_dist_info_name(tmp_path: Path) -> None:
 
 
 def test_config_properties_for_both_servers() -> None:
-    ports = {"inference": 18080, "management": 18081, "metrics": 18082}
+    ports = {
+        "inference": 18080, "management": 18081, "metrics": 18082,
+        "grpc_inference": 17070, "grpc_management": 17071,
+    }  # fmt: skip
     text = servers.config_properties(ports, Path("/s"), {"initial_worker_port": "29500"})
     assert text.splitlines()[1:] == [
         "inference_address=http://127.0.0.1:18080",
         "management_address=http://127.0.0.1:18081",
         "metrics_address=http://127.0.0.1:18082",
+        "grpc_inference_port=17070",
+        "grpc_management_port=17071",
         "disable_token_authorization=true",
         "enable_model_api=true",
         "model_store=/s",

@@ -85,10 +85,13 @@ def test_ts_reexports() -> None:
     assert importlib.import_module("ts.metrics.metric_type_enum").MetricTypes is MetricTypes
 
 
-def test_streaming_helpers_are_absent() -> None:
+def test_streaming_helper_imports_where_torchserve_handlers_import_it() -> None:
     install_compat_path()
-    with pytest.raises(ModuleNotFoundError):
-        importlib.import_module("ts.handler_utils.utils")
+    from workers.handling.streaming import send_intermediate_predict_response
+
+    for module in ("ts.handler_utils.utils", "ts.protocol.otf_message_handler"):
+        helper = importlib.import_module(module).send_intermediate_predict_response
+        assert helper is send_intermediate_predict_response
 
 
 def test_prediction_exception(util: ModuleType) -> None:

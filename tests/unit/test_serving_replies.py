@@ -28,7 +28,7 @@ REQUEST = Request(
 
 
 class Echo:
-    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+    def handle(self, batch: list[InferenceRequest], stream: object = None) -> list[InferenceReply]:
         return [
             InferenceReply(200, "", {}, None, b"".join(p.value for p in r.parameters))
             for r in batch

@@ -47,7 +47,7 @@ class Echo:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
 
-    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+    def handle(self, batch: list[InferenceRequest], stream: object = None) -> list[InferenceReply]:
         self.batches.append([r.request_id for r in batch])
         return [
             InferenceReply(200, "", {}, None, b"".join(p.value for p in r.parameters))
@@ -174,7 +174,9 @@ def test_a_reply_to_that_is_no_reply_list_is_never_written(client: Counting, for
 
 def test_a_failure_outside_the_handler_is_answered_on_reply_to(client: Counting) -> None:
     class Broken:
-        def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+        def handle(
+            self, batch: list[InferenceRequest], stream: object = None
+        ) -> list[InferenceReply]:
             raise RuntimeError("a bug")
 
     queue(client, request("r1").frame())
@@ -372,7 +374,9 @@ def test_a_stop_during_a_batch_takes_nothing_more(client: Counting) -> None:
     holder: list[OnlineLoop] = []
 
     class Stopping(Echo):
-        def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+        def handle(
+            self, batch: list[InferenceRequest], stream: object = None
+        ) -> list[InferenceReply]:
             holder[0].request_stop()  # SIGTERM while the batch runs
             return super().handle(batch)
 

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from workers.handling.metrics import HandlerMetrics
+from workers.handling.types import ReplyStream
 
 #: Stateful-model header names; TorchServe lets the same variables rename them.
 SEQUENCE_ID_HEADER = os.environ.get("TS_REQUEST_SEQUENCE_ID", "ts_request_sequence_id")
@@ -89,8 +90,11 @@ class Context:
         self.metrics = metrics if metrics is not None else HandlerMetrics(model_name)
         self.request_ids: dict[int, str] | None = None
         self.request_processor: list[RequestProcessor] | None = None
-        # Streaming and continuous-batching internals; not supported, kept for handlers
-        # that test them for None.
+        #: Where ``send_intermediate_predict_response`` sends this batch's pieces (the
+        #: worker's, per batch of the online path; None otherwise: pieces are dropped).
+        self.reply_stream: ReplyStream | None = None
+        # TorchServe's backend socket and continuous-batching internals; mqserve has
+        # neither (pieces go through ``reply_stream``): kept for handlers that test them.
         self.cl_socket: Any = None
         self.stopping_criteria: Any = None
         self.header_key_sequence_id = SEQUENCE_ID_HEADER
@@ -101,16 +105,24 @@ class Context:
     def system_properties(self) -> dict[str, Any]:
         return self._system_properties
 
-    def start_batch(self, request_ids: dict[int, str], processors: list[RequestProcessor]) -> None:
-        """Install a new batch's request ids and processors (index ``i`` is request ``i``)."""
+    def start_batch(
+        self,
+        request_ids: dict[int, str],
+        processors: list[RequestProcessor],
+        reply_stream: ReplyStream | None = None,
+    ) -> None:
+        """Install a new batch's request ids and processors (index ``i`` is request ``i``),
+        and where its intermediate replies go (None: nowhere)."""
         self.request_ids = request_ids
         self.request_processor = processors
+        self.reply_stream = reply_stream
         self.metrics.set_request_ids(request_ids)
 
     def end_batch(self) -> None:
         """Forget the batch, so nothing of it leaks into load-time or later calls."""
         self.request_ids = None
         self.request_processor = None
+        self.reply_stream = None
         self.metrics.set_request_ids(None)
 
     # -- requests ------------------------------------------------------------------------

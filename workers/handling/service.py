@@ -10,6 +10,11 @@ Error mapping (``docs/torchserve-compat.md#inference-errors``), each failing the
 * it returned a non-list → 503 ``Invalid model predict output``;
 * the list length differs from the batch size → 503 ``number of batch response mismatched``;
 * an element cannot be serialised → 503 ``Unsupported model output data type.``
+
+Streaming (:mod:`workers.handling.streaming`): a batch handled with a ``reply_stream``
+lets the handler send intermediate replies while it runs; the final reply of a request
+that streamed carries ``ts_stream_next: false``. A handler that fails after pieces were
+sent fails the batch as above (the final reply is the error).
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from typing import Any
 from workers.handling.codec import decode_request, encode_output, split_content_type
 from workers.handling.context import Context, RequestProcessor
 from workers.handling.metrics import MetricRecord
-from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest
+from workers.handling.streaming import end_stream_header
+from workers.handling.types import (
+    HandlerFailure,
+    InferenceReply,
+    InferenceRequest,
+    ReplyStream,
+    StreamCancelled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +77,15 @@ class LoadedModel:
         """What runs per batch: the handler function, or the bound ``handle`` of its class."""
         return self._entry_point
 
-    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]:
+    def handle(
+        self, batch: list[InferenceRequest], stream: ReplyStream | None = None
+    ) -> list[InferenceReply]:
         """One reply per request, in order; raises :class:`HandlerFailure` for the batch.
 
         A describe request is always a batch of one; its reply body is the handler's
-        output. Raises ValueError for an empty batch or a batched describe request.
+        output. ``stream`` receives the intermediate replies the handler sends while it
+        runs (``context.reply_stream``; None: they are dropped). Raises ValueError for
+        an empty batch or a batched describe request.
         """
         if not batch:
             raise ValueError("a batch holds at least one request")
@@ -77,7 +93,7 @@ class LoadedModel:
             raise ValueError("a describe request is never batched")
         decoded = [decode_request(request) for request in batch]
         processors = [processor for processor, _ in decoded]
-        self.context.start_batch({i: r.request_id for i, r in enumerate(batch)}, processors)
+        self.context.start_batch({i: r.request_id for i, r in enumerate(batch)}, processors, stream)
         try:
             output = self._predict([data for _, data in decoded])
             return _replies(output, processors)
@@ -89,6 +105,11 @@ class LoadedModel:
         start = time.perf_counter()
         try:
             output = self._entry_point(data, self.context)
+        except StreamCancelled as exc:
+            # Every client of the batch went away mid-stream: the handler stopped
+            # generating, as meant; its answer goes to nobody.
+            logger.info("model %s: streaming batch cancelled by its clients", self.model_name)
+            raise HandlerFailure(*PREDICTION_FAILED) from exc
         except Exception as exc:  # the handler is user code: anything may come out
             failure = _failure(exc)
             logger.warning(
@@ -142,6 +163,7 @@ def _replies(output: list[Any], processors: list[RequestProcessor]) -> list[Infe
         raise HandlerFailure(*UNSUPPORTED_OUTPUT) from exc
     replies = []
     for body, processor in zip(bodies, processors, strict=True):
+        end_stream_header(processor.get_response_headers())
         headers, content_type = split_content_type(processor.get_response_headers())
         status = _status(processor.get_response_status_code())
         reason = processor.get_response_status_phrase() or ""

@@ -13,6 +13,7 @@ from the job's stored items (``workers.worker.batch``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from control.core.envelope import Part
 
@@ -63,3 +64,30 @@ class HandlerFailure(Exception):
         super().__init__(f"{status} {message}")
         self.status = status
         self.message = message
+
+
+class ReplyStream(Protocol):
+    """Where a batch's intermediate replies go while its handler runs (the worker's
+    Redis sink, ``workers.worker.serving.BatchStream``), pushed at once, in call order.
+
+    The handler reaches it through its context (``Context.reply_stream``, set for each
+    batch of the online path only), via ``send_intermediate_predict_response``.
+    """
+
+    def pieces(self, replies: dict[str, InferenceReply]) -> None:
+        """Send one intermediate reply per request id (more replies follow).
+
+        Raises :class:`StreamCancelled` when every client of the batch has gone away;
+        requests whose client went away get no piece.
+        """
+        ...
+
+    def fail(self, request_ids: list[str], status: int, message: str) -> None:
+        """End the streams of ``request_ids`` with a batch-level error (the answer is
+        ``status`` ``message``); later pieces and their final replies go nowhere."""
+        ...
+
+
+class StreamCancelled(Exception):
+    """Every client of a streaming batch went away: raised out of
+    ``send_intermediate_predict_response`` so that the handler stops generating."""

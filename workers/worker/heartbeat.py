@@ -132,6 +132,14 @@ class Reporter:
             with self._lock:
                 self._busy -= 1
 
+    def progress(self) -> None:
+        """The busy worker answered part of its batch (a streamed piece went out): the
+        time its work began is now, so the supervisor's ``response_timeout`` counts
+        from the latest reply, as TorchServe's per-reply timeout does."""
+        with self._lock:
+            if self._busy:
+                self._busy_since = observed.now()
+
     def guard(self, lease: LeaseWatch, on_lost: Callable[[str], None]) -> None:
         """Read ``lease`` with every beat; the first time it says the worker must drain,
         call ``on_lost(reason)`` (once) and publish DRAINING from then on."""
@@ -186,8 +194,11 @@ class Reporter:
                 record, state=WorkerState.FAILED, since=observed.now(), reason=reason
             )
         if record.state.serving:
-            if self._busy and record.state is not WorkerState.BUSY:
-                record = dataclasses.replace(record, state=WorkerState.BUSY, since=self._busy_since)
+            # ``since`` follows the current batch's start (or its latest streamed piece,
+            # :meth:`progress`) even when the previous beat already said BUSY.
+            busy_since = self._busy_since
+            if self._busy and (record.state is not WorkerState.BUSY or record.since != busy_since):
+                record = dataclasses.replace(record, state=WorkerState.BUSY, since=busy_since)
             elif not self._busy and record.state is WorkerState.BUSY:
                 record = dataclasses.replace(record, state=WorkerState.READY, since=observed.now())
         return record

@@ -126,15 +126,17 @@ def failure_message(status: int, message: str) -> dict[str, Any]:
 
 def to_inference_request(request: Request) -> InferenceRequest:
     """The handler's view of an online request frame: its parts are the parameters, and a
-    describe request carries the header ``describe: True`` (as in TorchServe)."""
+    describe request carries the header ``describe: True`` (as in TorchServe); a
+    ``stream`` request is a prediction like any other to the handler."""
     headers = dict(request.headers)
     if request.kind == "describe":
         headers["describe"] = "True"
     return InferenceRequest(request_id=request.id, headers=headers, parameters=list(request.parts))
 
 
-def to_reply(reply: InferenceReply, dequeued: float) -> Reply:
-    """The reply frame for the handler's ``reply`` to a request taken at ``dequeued``."""
+def to_reply(reply: InferenceReply, dequeued: float, more: bool = False) -> Reply:
+    """The reply frame for the handler's ``reply`` to a request taken at ``dequeued``;
+    ``more``: an intermediate piece of a streamed answer (``Reply.more``)."""
     return Reply(
         status=reply.status,
         body=reply.body,
@@ -142,4 +144,5 @@ def to_reply(reply: InferenceReply, dequeued: float) -> Reply:
         headers=dict(reply.headers),
         content_type=reply.content_type,
         dequeued=dequeued,
+        more=more,
     )

@@ -273,7 +273,7 @@ def wire(
     model_metrics = ModelMetrics(recorder, metrics_config, settings.model_metrics_auto_detect)
     model_metrics.record_all(model.load_metrics)  # what the handler recorded in initialize
     observe = _observer(recorder, model_metrics, args.model, args.version)
-    runner = ModelRunner(model, reporter.busy, observe)
+    runner = ModelRunner(model, reporter.busy, observe, reporter.progress)
     app = make_celery(settings)
     broker.guard(app)  # a queue entry that is not a message must not stop the worker
     register_tasks(app, runner, clients.text, args.wid, spec.response_timeout)

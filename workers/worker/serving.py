@@ -17,6 +17,14 @@ Replies go where the request frame says (``Request.reply_key``: its API process'
 list ``reply_to``, else its own ``keys.reply(id)``), always naming the request id
 (``Reply.to``), with a TTL (:data:`REPLY_TTL_MS`) so that a reply nobody pops expires.
 
+Streaming: each online batch runs with a :class:`BatchStream`, through which the
+handler's ``send_intermediate_predict_response`` pushes intermediate replies
+(``Reply.more``) to the same reply lists at once, one pipeline per call, while the batch
+is still running; its frames stay in the in-flight list until the final replies are out,
+so the waiting API sees the request held all along, and the next batch is taken only
+after the last piece (TorchServe's rule). Requests of kind ``stream`` (and ``describe``)
+run as batches of one (``envelope.SOLO_KINDS``).
+
 :class:`ModelRunner` serialises access to the model between this loop and Celery tasks
 (batch jobs), which is how jobs share a worker fairly with online requests.
 """
@@ -33,9 +41,15 @@ from typing import Any, Protocol
 import redis
 
 from control.core import keys
-from control.core.envelope import FrameError, Reply, Request, reply_address
+from control.core.envelope import SOLO_KINDS, FrameError, Reply, Request, reply_address
 from control.core.redis_io import SOCKET_TIMEOUT, block_seconds
-from workers.handling.types import HandlerFailure, InferenceReply, InferenceRequest
+from workers.handling.types import (
+    HandlerFailure,
+    InferenceReply,
+    InferenceRequest,
+    ReplyStream,
+    StreamCancelled,
+)
 from workers.outage import Outage
 from workers.worker.messages import to_inference_request, to_reply
 
@@ -197,9 +211,74 @@ def _frame(value: Any) -> bytes | None:
 
 
 class Handles(Protocol):
-    """What runs a batch (``workers.handling.LoadedModel``, or a :class:`ModelRunner`)."""
+    """What runs a batch (``workers.handling.LoadedModel``, or a :class:`ModelRunner`);
+    ``stream`` receives the intermediate replies of a streaming handler."""
 
-    def handle(self, batch: list[InferenceRequest]) -> list[InferenceReply]: ...
+    def handle(
+        self, batch: list[InferenceRequest], stream: ReplyStream | None = None
+    ) -> list[InferenceReply]: ...
+
+
+class BatchStream:
+    """The :class:`~workers.handling.types.ReplyStream` of one online batch: each call
+    pushes its pieces to their requests' reply lists in one pipeline, at once.
+
+    The same pipeline reads each request's cancel key (``keys.cancel``, set by an API
+    whose client went away): such a request gets no further piece, and once every
+    request of the batch is cancelled (or ended by :meth:`fail`) the next call raises
+    :class:`StreamCancelled` so that the handler stops. A Redis error goes up to the
+    handler (the batch then fails, and its final replies are delivered as any others).
+    ``progress`` runs after each piece (the worker's response timeout starts again).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        requests: Sequence[Request],
+        dequeued: float,
+        progress: Callable[[], None] | None = None,
+    ) -> None:
+        self._r = client
+        self._requests = {request.id: request for request in requests}
+        self._dequeued = dequeued
+        self._progress = progress
+        #: Requests whose stream is over (client gone, or a batch-level error sent).
+        self._ended: set[str] = set()
+        #: Pieces pushed, for logs and tests.
+        self.sent = 0
+
+    def pieces(self, replies: dict[str, InferenceReply]) -> None:
+        if len(self._ended) >= len(self._requests):
+            raise StreamCancelled("every client of this batch went away")
+        targets = [
+            (rid, reply)
+            for rid, reply in replies.items()
+            if rid in self._requests and rid not in self._ended
+        ]
+        if not targets:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for rid, reply in targets:
+            pipe.exists(keys.cancel(rid))
+            piece = to_reply(reply, self._dequeued, more=True).to(rid)
+            _push_reply(pipe, self._requests[rid].reply_key, piece)
+        results = pipe.execute()
+        self.sent += len(targets)
+        if self._progress is not None:
+            self._progress()  # TorchServe's response_timeout is per reply
+        # Three results per request: EXISTS, LPUSH, PEXPIRE.
+        for (rid, _), cancelled in zip(targets, results[::3], strict=True):
+            if cancelled:
+                self._ended.add(rid)
+
+    def fail(self, request_ids: list[str], status: int, message: str) -> None:
+        targets = [rid for rid in request_ids if rid in self._requests and rid not in self._ended]
+        pipe = self._r.pipeline(transaction=False)
+        for rid in targets:
+            failure = Reply(status=status, error=message, dequeued=self._dequeued).to(rid)
+            _push_reply(pipe, self._requests[rid].reply_key, failure)
+        pipe.execute()
+        self._ended.update(targets)
 
 
 class Takes(Protocol):
@@ -222,7 +301,8 @@ class ModelRunner:
     ``busy`` (the worker's :meth:`Reporter.busy`) marks the worker BUSY while a batch
     runs, which is what the supervisor's response timeout watches; it writes nothing to
     Redis (the heartbeat thread publishes the state), so it costs the request path two
-    lock operations.
+    lock operations. ``progress`` (:meth:`Reporter.progress`) restarts that timeout when
+    a streaming batch sends a piece.
     """
 
     def __init__(
@@ -230,18 +310,28 @@ class ModelRunner:
         model: Handles,
         busy: Callable[[], AbstractContextManager[None]] | None = None,
         observe: Callable[[int, list[Any]], None] | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         self._model = model
         self._lock = threading.Lock()
         self._busy = busy or nullcontext
+        self._progress = progress
         self._observe = observe
         #: Observations of batches run with ``defer``, until :meth:`observe_deferred`.
         self._deferred: list[tuple[int, list[Any]]] = []
         #: ``observe`` runs in the online loop's thread and in Celery's, one at a time.
         self._observe_lock = threading.Lock()
 
-    def handle(self, batch: list[InferenceRequest], defer: bool = False) -> list[InferenceReply]:
+    def handle(
+        self,
+        batch: list[InferenceRequest],
+        stream: ReplyStream | None = None,
+        defer: bool = False,
+    ) -> list[InferenceReply]:
         """Run one batch; raises HandlerFailure when the whole batch fails.
+
+        ``stream``: where the handler's intermediate replies go (the online loop's
+        :class:`BatchStream`; None for batch jobs and Celery tasks, which drop them).
 
         ``observe(batch size, the handler's metric records)`` runs after each batch, or,
         with ``defer``, at the next :meth:`observe_deferred` (the online loop's, once
@@ -249,7 +339,9 @@ class ModelRunner:
         """
         with self._lock, self._busy():
             try:
-                return self._model.handle(batch)
+                if stream is None:
+                    return self._model.handle(batch)
+                return self._model.handle(batch, stream=stream)
             finally:
                 if self._observe is not None:
                     records = list(getattr(self._model, "last_metrics", []))
@@ -258,6 +350,11 @@ class ModelRunner:
                     else:
                         with self._observe_lock:
                             self._observe(len(batch), records)
+
+    def progress(self) -> None:
+        """A piece of the running batch went out: its response timeout starts again."""
+        if self._progress is not None:
+            self._progress()
 
     def observe_deferred(self) -> None:
         """Observe every batch run with ``defer`` since the last call, in order."""
@@ -430,9 +527,10 @@ class OnlineLoop:
                 continue
             live.append((frame, request))
         pipe.execute()  # sends nothing when every frame is live
-        # Describe requests are always a batch of one, as in TorchServe.
-        predicts = [item for item in live if item[1].kind != "describe"]
-        groups = [g for g in [predicts, *([i] for i in live if i[1].kind == "describe")] if g]
+        # Describe requests are always a batch of one, as in TorchServe, and so are
+        # requests whose caller asked for it (kind "stream").
+        predicts = [item for item in live if item[1].kind not in SOLO_KINDS]
+        groups = [g for g in [predicts, *([i] for i in live if i[1].kind in SOLO_KINDS)] if g]
         held: list[bytes] = []
         for index, group in enumerate(groups):
             held = self._answer(group, now, take_next and index == len(groups) - 1)
@@ -450,9 +548,12 @@ class OnlineLoop:
         self, group: list[tuple[bytes, Request]], dequeued: float, take_next: bool
     ) -> list[bytes]:
         batch = [to_inference_request(request) for _, request in group]
+        requests = [request for _, request in group]
+        stream = BatchStream(self._r, requests, dequeued, self._runner.progress)
         self._handling = True
         try:
-            replies = [to_reply(r, dequeued) for r in self._runner.handle(batch, defer=True)]
+            answers = self._runner.handle(batch, defer=True, stream=stream)
+            replies = [to_reply(r, dequeued) for r in answers]
             if len(replies) != len(group):
                 raise HandlerFailure(500, "Number of batch response mismatched")
         except HandlerFailure as exc:

@@ -1,1 +1,2 @@
-"""TorchServe's ``ts.handler_utils``; only the ``timer`` decorator is provided."""
+"""TorchServe's ``ts.handler_utils``: the ``timer`` decorator and ``utils``'s
+``send_intermediate_predict_response`` (streaming) are provided."""

@@ -1,0 +1,128 @@
+"""The inference service of port 7070: ``Ping`` and ``Predictions`` over the HTTP data plane.
+
+``Predictions`` builds the parts TorchServe builds from ``input``: one parameter per
+key, its bytes the value, without a content type (as a multipart field without a
+filename reaches the handler), so a handler reading ``data`` or ``body`` gets what an
+HTTP client's form field of that name would give it. The request then takes the HTTP
+inference port's path: :meth:`control.core.dispatch.Dispatcher.send` (one enqueue
+script, this process's reply listener). Its answer is the handler's body as
+``prediction`` (as TorchServe, whatever status the handler set); a handler or worker
+error, a missing model or version, no worker and a full queue close the call with the
+gRPC code of the HTTP status they have on port 8080 (:mod:`control.grpc.status`).
+
+``StreamPredictions`` and ``StreamPredictions2`` are declared (the interface is
+TorchServe's) but answer UNIMPLEMENTED until the streaming dispatcher serves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import grpc.aio
+
+from control.core.dispatch import Dispatcher, NoWorker, QueueFull
+from control.core.envelope import Part
+from control.core.errors import ServiceUnavailableException
+from control.core.settings import Settings
+from control.grpc.protos import inference_pb2, inference_pb2_grpc
+from control.grpc.status import answers_errors, grpc_code
+from control.http.common import dumps
+from control.inference.api import Recorder, no_worker_message
+
+Context = grpc.aio.ServicerContext[
+    inference_pb2.PredictionsRequest, inference_pb2.PredictionResponse
+]
+
+STREAMING_NOT_YET = (
+    "{method} is not implemented by this server yet; use Predictions (or HTTP streaming "
+    "on the inference port)"
+)
+
+
+def request_parts(request: inference_pb2.PredictionsRequest) -> tuple[Part, ...]:
+    """TorchServe's parameters from ``input``: one per key, in the client's order, with
+    no content type (bytes for the handler)."""
+    return tuple(Part(name, "", bytes(value)) for name, value in request.input.items())
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
+    """``InferenceAPIsService`` over one :class:`Dispatcher` (this process's) and the
+    health rule of ``/ping`` (``health``, blocking: run in a thread). Answered
+    predictions are counted in ``recorder`` as the HTTP port's are (requests, latency,
+    queue time per model and version)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        health: Callable[[], bool],
+        recorder: Recorder | None = None,
+    ) -> None:
+        self._settings = settings
+        self._dispatch = dispatcher
+        self._health = health
+        self._recorder = recorder
+
+    async def Ping(
+        self, request: object, context: grpc.aio.ServicerContext[object, object]
+    ) -> inference_pb2.TorchServeHealthResponse:
+        """``/ping``'s JSON text; Unhealthy is an answer too, not an error."""
+        healthy = await asyncio.to_thread(self._health)
+        text = dumps({"status": "Healthy" if healthy else "Unhealthy"}).decode().rstrip("\n")
+        return inference_pb2.TorchServeHealthResponse(health=text)
+
+    @answers_errors
+    async def Predictions(
+        self, request: inference_pb2.PredictionsRequest, context: Context
+    ) -> inference_pb2.PredictionResponse:
+        """One request through the HTTP data plane; the handler's body as ``prediction``."""
+        started = time.monotonic()
+        model = request.model_name
+        version = request.model_version or None
+        headers = {"explain": "False", "url_path": ""}
+        try:
+            outcome = await self._dispatch.send(
+                model, version, request_parts(request), headers, uuid.uuid4().hex
+            )
+        except NoWorker:
+            raise ServiceUnavailableException(no_worker_message(model, version)) from None
+        except QueueFull:
+            if self._settings.queue_full_status == 429:
+                raise ServiceUnavailableException(
+                    f'Model "{model}" is busy: its queue is full. Retry later.', 429
+                ) from None
+            raise ServiceUnavailableException(no_worker_message(model, version)) from None
+        reply = outcome.reply
+        if reply.error is not None:
+            # The worker's words, as TorchServe's job error (no exception name appended).
+            await context.abort(grpc_code(reply.status), reply.error)
+        if self._recorder is not None:
+            elapsed_us = (time.monotonic() - started) * 1e6
+            self._recorder.inference(
+                model, version or "default", elapsed_us, outcome.queue_seconds * 1e6
+            )
+        return inference_pb2.PredictionResponse(prediction=reply.body)
+
+    async def StreamPredictions(
+        self, request: inference_pb2.PredictionsRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.PredictionResponse]:
+        """Not yet: UNIMPLEMENTED (see the module docstring)."""
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, STREAMING_NOT_YET.format(method="StreamPredictions")
+        )
+        yield inference_pb2.PredictionResponse()  # pragma: no cover (abort raises)
+
+    async def StreamPredictions2(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.PredictionsRequest],
+        context: Context,
+    ) -> AsyncIterator[inference_pb2.PredictionResponse]:
+        """Not yet: UNIMPLEMENTED (see the module docstring)."""
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, STREAMING_NOT_YET.format(method="StreamPredictions2")
+        )
+        yield inference_pb2.PredictionResponse()  # pragma: no cover (abort raises)
