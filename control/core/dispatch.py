@@ -251,36 +251,50 @@ class Dispatcher:
         applies the model's ``clientTimeoutInMills`` (the frame's deadline is 0: this
         side does not read the model's spec).
         """
-        rid = request_id or uuid.uuid4().hex
-        now = self._clock()
-        request = Request(
-            id=rid, model=model, version=version or "", deadline=0.0, enqueued=now,
-            headers=headers, parts=parts, kind=kind, reply_to=self.replies,
-        )  # fmt: skip
-        frame = request.frame()
-        self._ensure_listener()
+        request = self._request(model, version, parts, headers, request_id, kind)
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         # Registered before the push: the reply can be popped before the push's answer
         # is read.
-        self._waiting[rid] = waiter
+        self._waiting[request.id] = waiter
         try:
-            code, resolved = await self._push(self._route_args(model, version, frame))
-            ver = _text(resolved)
-            code = int(code)
-            _raise_missing(code, model, ver)
-            if code == _NO_WORKER:
-                raise NoWorker("no worker")
-            if code == _QUEUE_FULL:
-                raise QueueFull("queue full")
+            ver, frame = await self._enqueue(request, version)
             reply = await self._await(
                 request, ver, frame, lambda: asyncio.shield(waiter), waiter.done
             )
         finally:
-            self._waiting.pop(rid, None)
-        if reply.error is not None and reply.reason == VERSION_GONE:
-            raise NoWorker("version unregistered")
-        queued = max(reply.dequeued - now, 0.0) if reply.dequeued else 0.0
-        return Delivery(reply, queued, ver)
+            self._waiting.pop(request.id, None)
+        return _delivery(reply, request, ver)
+
+    def _request(
+        self,
+        model: str,
+        version: str | None,
+        parts: tuple[Part, ...],
+        headers: dict[str, str],
+        request_id: str | None,
+        kind: str,
+    ) -> Request:
+        """The request as it travels, answered on this process's reply list."""
+        self._ensure_listener()
+        return Request(
+            id=request_id or uuid.uuid4().hex, model=model, version=version or "",
+            deadline=0.0, enqueued=self._clock(), headers=headers, parts=parts, kind=kind,
+            reply_to=self.replies,
+        )  # fmt: skip
+
+    async def _enqueue(self, request: Request, version: str | None) -> tuple[str, bytes]:
+        """Push ``request`` (the one round trip); the version it went to and its frame.
+        Raises the registry's 404s, :class:`NoWorker` or :class:`QueueFull`."""
+        frame = request.frame()
+        code, resolved = await self._push(self._route_args(request.model, version, frame))
+        ver = _text(resolved)
+        code = int(code)
+        _raise_missing(code, request.model, ver)
+        if code == _NO_WORKER:
+            raise NoWorker("no worker")
+        if code == _QUEUE_FULL:
+            raise QueueFull("queue full")
+        return ver, frame
 
     async def stream(
         self,
@@ -304,38 +318,21 @@ class Dispatcher:
         goes away) forgets the request, whose later pieces are dropped, and sets its
         cancel key so that the worker stops the handler at its next piece.
         """
-        rid = request_id or uuid.uuid4().hex
-        now = self._clock()
-        request = Request(
-            id=rid, model=model, version=version or "", deadline=0.0, enqueued=now,
-            headers=headers, parts=parts, kind=kind, reply_to=self.replies,
-        )  # fmt: skip
-        frame = request.frame()
-        self._ensure_listener()
+        request = self._request(model, version, parts, headers, request_id, kind)
         pieces = _Pieces()
-        self._waiting[rid] = pieces  # before the push, as in send
+        self._waiting[request.id] = pieces  # before the push, as in send
         queued_ok, finished = False, False
         try:
-            code, resolved = await self._push(self._route_args(model, version, frame))
-            ver = _text(resolved)
-            code = int(code)
-            _raise_missing(code, model, ver)
-            if code == _NO_WORKER:
-                raise NoWorker("no worker")
-            if code == _QUEUE_FULL:
-                raise QueueFull("queue full")
+            ver, frame = await self._enqueue(request, version)
             queued_ok = True
             while not finished:
                 reply = await self._await(request, ver, frame, pieces.get, pieces.arrived)
-                if reply.error is not None and reply.reason == VERSION_GONE:
-                    raise NoWorker("version unregistered")
                 finished = not reply.more or reply.error is not None
-                queued = max(reply.dequeued - now, 0.0) if reply.dequeued else 0.0
-                yield Delivery(reply, queued, ver)
+                yield _delivery(reply, request, ver)
         finally:
-            self._waiting.pop(rid, None)
+            self._waiting.pop(request.id, None)
             if queued_ok and not finished:
-                self._cancel(rid)
+                self._cancel(request.id)
 
     def _cancel(self, request_id: str) -> None:
         """Set ``request_id``'s cancel key, in the background: called where awaiting
@@ -564,6 +561,15 @@ class _Pipelined:
                 continue
             return results
         return results
+
+
+def _delivery(reply: Reply, request: Request, version: str) -> Delivery:
+    """``reply`` as its caller gets it; an unregister's answer to a queued request is
+    TorchServe's "no worker" (503)."""
+    if reply.error is not None and reply.reason == VERSION_GONE:
+        raise NoWorker("version unregistered")
+    queued = max(reply.dequeued - request.enqueued, 0.0) if reply.dequeued else 0.0
+    return Delivery(reply, queued, version)
 
 
 def _text(value: object) -> str:
