@@ -10,26 +10,31 @@ script, this process's reply listener). Its answer is the handler's body as
 error, a missing model or version, no worker and a full queue close the call with the
 gRPC code of the HTTP status they have on port 8080 (:mod:`control.grpc.status`).
 
-``StreamPredictions`` and ``StreamPredictions2`` are declared (the interface is
-TorchServe's) but answer UNIMPLEMENTED until the streaming dispatcher serves them.
+``StreamPredictions`` takes the same path through
+:meth:`control.core.dispatch.Dispatcher.stream`: one message per piece the handler sends
+with ``send_intermediate_predict_response``, then one for its return value; the request
+runs as a batch of one. ``StreamPredictions2`` (bidirectional, for stateful sequence
+models) is declared (the interface is TorchServe's) but answers UNIMPLEMENTED: mqserve
+has no sequence batching yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import grpc.aio
 
-from control.core.dispatch import Dispatcher, NoWorker, QueueFull
-from control.core.envelope import Part
+from control.core.dispatch import Delivery, Dispatcher, NoWorker, QueueFull
+from control.core.envelope import Part, Reply
 from control.core.errors import ServiceUnavailableException
 from control.core.settings import Settings
 from control.grpc.protos import inference_pb2, inference_pb2_grpc
-from control.grpc.status import answers_errors, grpc_code
+from control.grpc.status import answers_errors, grpc_code, streams_errors
 from control.http.common import dumps
 from control.inference.api import Recorder, no_worker_message
 
@@ -37,9 +42,12 @@ Context = grpc.aio.ServicerContext[
     inference_pb2.PredictionsRequest, inference_pb2.PredictionResponse
 ]
 
+#: The headers a gRPC request reaches the handler with (no HTTP headers to pass on).
+GRPC_HEADERS = {"explain": "False", "url_path": ""}
+
 STREAMING_NOT_YET = (
-    "{method} is not implemented by this server yet; use Predictions (or HTTP streaming "
-    "on the inference port)"
+    "{method} is not implemented by this server yet (no sequence batching); use "
+    "Predictions or StreamPredictions"
 )
 
 
@@ -79,15 +87,50 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
     async def Predictions(
         self, request: inference_pb2.PredictionsRequest, context: Context
     ) -> inference_pb2.PredictionResponse:
-        """One request through the HTTP data plane; the handler's body as ``prediction``."""
+        """One request through the HTTP data plane; the handler's body as ``prediction``.
+        A handler that streams is answered with its first piece (TorchServe's unary call)."""
         started = time.monotonic()
-        model = request.model_name
-        version = request.model_version or None
-        headers = {"explain": "False", "url_path": ""}
-        try:
+        model, version = request.model_name, request.model_version or None
+        with self._refusals(model, version):
             outcome = await self._dispatch.send(
-                model, version, request_parts(request), headers, uuid.uuid4().hex
+                model, version, request_parts(request), dict(GRPC_HEADERS), uuid.uuid4().hex
             )
+        await self._check(outcome.reply, context)
+        self._record(model, version, started, outcome)
+        return inference_pb2.PredictionResponse(prediction=outcome.reply.body)
+
+    @streams_errors
+    async def StreamPredictions(
+        self, request: inference_pb2.PredictionsRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.PredictionResponse]:
+        """One message per ``send_intermediate_predict_response`` piece, then one for the
+        handler's return value; the request runs as a batch of one (kind ``stream``). A
+        client that cancels closes the stream, which cancels the handler at its next
+        piece (``control.core.dispatch``)."""
+        started = time.monotonic()
+        model, version = request.model_name, request.model_version or None
+        replies = self._dispatch.stream(
+            model, version, request_parts(request), dict(GRPC_HEADERS), uuid.uuid4().hex,
+            kind="stream",
+        )  # fmt: skip
+        try:
+            with self._refusals(model, version):
+                outcome = await anext(replies)
+            while True:
+                await self._check(outcome.reply, context)
+                yield inference_pb2.PredictionResponse(prediction=outcome.reply.body)
+                if not outcome.reply.more:
+                    self._record(model, version, started, outcome)
+                    return
+                outcome = await anext(replies)
+        finally:
+            await replies.aclose()
+
+    @contextlib.contextmanager
+    def _refusals(self, model: str, version: str | None) -> Iterator[None]:
+        """The dispatcher's refusals as the HTTP port words them (503 or 429)."""
+        try:
+            yield
         except NoWorker:
             raise ServiceUnavailableException(no_worker_message(model, version)) from None
         except QueueFull:
@@ -96,25 +139,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
                     f'Model "{model}" is busy: its queue is full. Retry later.', 429
                 ) from None
             raise ServiceUnavailableException(no_worker_message(model, version)) from None
-        reply = outcome.reply
+
+    @staticmethod
+    async def _check(reply: Reply, context: Context) -> None:
         if reply.error is not None:
             # The worker's words, as TorchServe's job error (no exception name appended).
             await context.abort(grpc_code(reply.status), reply.error)
+
+    def _record(self, model: str, version: str | None, started: float, outcome: Delivery) -> None:
         if self._recorder is not None:
             elapsed_us = (time.monotonic() - started) * 1e6
             self._recorder.inference(
                 model, version or "default", elapsed_us, outcome.queue_seconds * 1e6
             )
-        return inference_pb2.PredictionResponse(prediction=reply.body)
-
-    async def StreamPredictions(
-        self, request: inference_pb2.PredictionsRequest, context: Context
-    ) -> AsyncIterator[inference_pb2.PredictionResponse]:
-        """Not yet: UNIMPLEMENTED (see the module docstring)."""
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, STREAMING_NOT_YET.format(method="StreamPredictions")
-        )
-        yield inference_pb2.PredictionResponse()  # pragma: no cover (abort raises)
 
     async def StreamPredictions2(
         self,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -85,15 +85,41 @@ def answers_errors(method: Method[S, Q, R]) -> Method[S, Q, R]:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise  # the method closed the call itself
-        except ModelServerError as exc:
-            await context.abort(grpc_code(exc.status), details(exc))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("Redis unavailable in %s: %s", method.__name__, exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, details(redis_down()))
-        except Exception:
-            log.exception("unhandled error in %s", method.__name__)
-            error = InternalServerException("Internal Server Error")
-            await context.abort(grpc.StatusCode.INTERNAL, details(error))
+        except Exception as exc:
+            await abort_for(exc, context, method.__name__)
         raise AssertionError("context.abort returned")  # it always raises
 
     return wrapper
+
+
+def streams_errors(
+    method: Callable[[S, Q, grpc.aio.ServicerContext[Q, R]], AsyncIterator[R]],
+) -> Callable[[S, Q, grpc.aio.ServicerContext[Q, R]], AsyncIterator[R]]:
+    """:func:`answers_errors` for a server-streaming method (an async generator): an
+    error before or between its messages closes the call the same way."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: S, request: Q, context: grpc.aio.ServicerContext[Q, R]
+    ) -> AsyncIterator[R]:
+        try:
+            async for message in method(self, request, context):
+                yield message
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_for(exc, context, method.__name__)
+
+    return wrapper
+
+
+async def abort_for(exc: Exception, context: grpc.aio.ServicerContext[Any, Any], name: str) -> None:
+    """Close the call for ``exc`` (the mapping :func:`answers_errors` documents)."""
+    if isinstance(exc, ModelServerError):
+        await context.abort(grpc_code(exc.status), details(exc))
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        log.warning("Redis unavailable in %s: %s", name, exc)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, details(redis_down()))
+    log.error("unhandled error in %s", name, exc_info=exc)
+    error = InternalServerException("Internal Server Error")
+    await context.abort(grpc.StatusCode.INTERNAL, details(error))

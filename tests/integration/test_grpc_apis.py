@@ -175,9 +175,16 @@ def _lifecycle(mgmt: Client, inf: Client) -> None:
         SC.UNAVAILABLE,
         "Prediction failed",
     )
+    # StreamPredictions of a handler that does not stream: its one answer.
     stream = inf.inference.StreamPredictions(
-        inference_pb2.PredictionsRequest(model_name="echo"), timeout=FAST_S, metadata=inf.metadata
-    )
+        inference_pb2.PredictionsRequest(model_name="echo", input={"data": b"s"}),
+        timeout=FAST_S, metadata=inf.metadata,
+    )  # fmt: skip
+    assert [bytes(m.prediction) for m in stream] == [b"2.0:s"]
+    stream = inf.inference.StreamPredictions2(
+        iter([inference_pb2.PredictionsRequest(model_name="echo")]),
+        timeout=FAST_S, metadata=inf.metadata,
+    )  # fmt: skip
     code, _ = refused(lambda: next(iter(stream)))
     assert code == SC.UNIMPLEMENTED
 
@@ -185,6 +192,47 @@ def _lifecycle(mgmt: Client, inf: Client) -> None:
         answer = mgmt.manage("UnregisterModel", SLOW_S, model_name=name, model_version=version)
         assert answer == {"status": f'Model "{name}" unregistered'}
     assert mgmt.manage("ListModels") == {"models": []}
+
+
+#: TorchServe's streaming test handler: three intermediate results, then the final one.
+HELLO = """
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    for _ in range(3):
+        send_intermediate_predict_response(
+            ["hello"], context.request_ids, "Intermediate Prediction success", 200, context
+        )
+    return ["hello world "]
+"""
+
+
+def test_stream_predictions_sends_each_intermediate_result(
+    stack_settings: Settings, store: Path, tmp_path: Path
+) -> None:
+    build_mar(store / "hello.mar", "hello", extra={"noop_handler.py": HELLO.encode()})
+    with (
+        supervisor_process(stack_settings, tmp_path / "hosts", "grpc-host"),
+        grpc_process(stack_settings, tmp_path / "grpc") as served,
+    ):
+        client = Client(served)
+        try:
+            registered = client.manage(
+                "RegisterModel", SLOW_S, url="hello.mar", initial_workers=1, synchronous=True
+            )
+            assert registered["status"].startswith('Model "hello" Version: 1.0 registered')
+            for _ in range(2):  # and again: nothing of the first stream is left behind
+                request = inference_pb2.PredictionsRequest(model_name="hello", input={"data": b"x"})
+                stream = client.inference.StreamPredictions(request, timeout=FAST_S)
+                messages = [bytes(m.prediction) for m in stream]
+                assert messages == [b"hello", b"hello", b"hello", b"hello world "]
+            # Predictions of a streaming handler: its first piece, as TorchServe's.
+            assert client.predict("hello", data=b"x") == b"hello"
+        finally:
+            client.close()
 
 
 def test_keys_and_the_model_api_switch(

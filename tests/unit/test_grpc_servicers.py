@@ -5,7 +5,7 @@ API, the model-API switch, token checks (Ping exempt), and the parts Predictions
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -321,19 +321,71 @@ def test_ping_answers_the_json_of_http_ping_even_when_unhealthy() -> None:
         assert answer.health == f'{{\n  "status": "{word}"\n}}'
 
 
-def test_streaming_rpcs_answer_unimplemented_for_now() -> None:
+class StreamingDispatcher:
+    """Answers ``stream`` with ``replies`` (pieces then a final reply), or raises
+    ``refusal`` before the first; records each call and whether its stream was closed."""
+
+    def __init__(self, replies: list[Reply], refusal: Exception | None = None) -> None:
+        self.replies = replies
+        self.refusal = refusal
+        self.calls: list[dict[str, Any]] = []
+        self.closed = 0
+
+    async def stream(
+        self, model: str, version: str | None, parts: tuple[Part, ...], *args: Any, **kw: Any
+    ) -> AsyncIterator[Delivery]:
+        self.calls.append({"model": model, "version": version, "parts": parts, **kw})
+        try:
+            if self.refusal is not None:
+                raise self.refusal
+            for reply in self.replies:
+                yield Delivery(reply, 0.0, "1.0")
+        finally:
+            self.closed += 1
+
+
+def stream_of(dispatcher: StreamingDispatcher, **request: Any) -> Awaitable[list[Any]]:
+    servicer = InferenceServicer(Settings(), dispatcher, lambda: True)  # type: ignore[arg-type]
+    ctx: Any = FakeContext()
+
+    async def collect() -> list[Any]:
+        stream = servicer.StreamPredictions(inference_pb2.PredictionsRequest(**request), ctx)
+        return [message async for message in stream]
+
+    return collect()
+
+
+def test_stream_predictions_sends_one_message_per_piece_then_the_final_one() -> None:
+    pieces = [Reply(200, b"hello", more=True)] * 3 + [Reply(200, b"hello world ")]
+    dispatcher = StreamingDispatcher(pieces)
+    messages = call(stream_of(dispatcher, model_name="llm", input={"data": b"hi"}))
+    assert [m.prediction for m in messages] == [b"hello"] * 3 + [b"hello world "]
+    [sent] = dispatcher.calls
+    assert (sent["model"], sent["version"], sent["kind"]) == ("llm", None, "stream")
+    assert sent["parts"] == (Part("data", "", b"hi"),)
+    assert dispatcher.closed == 1
+
+
+def test_stream_predictions_errors_close_the_call_with_their_code() -> None:
+    # Refused before any piece: the HTTP port's 503, so UNAVAILABLE.
+    dispatcher = StreamingDispatcher([], refusal=NoWorker("x"))
+    code, details = aborted(stream_of(dispatcher, model_name="llm"))
+    assert code == SC.UNAVAILABLE and details.startswith('Model "llm" has no worker')
+    # A handler that fails after a piece: the worker's status and words.
+    dispatcher = StreamingDispatcher([Reply(200, b"a", more=True), Reply(507, error="oom")])
+    assert aborted(stream_of(dispatcher, model_name="llm")) == (SC.INTERNAL, "oom")
+    assert dispatcher.closed == 1
+
+
+def test_stream_predictions2_answers_unimplemented() -> None:
     servicer = InferenceServicer(Settings(), FakeDispatcher(Reply(200)), lambda: True)  # type: ignore[arg-type]
     ctx: Any = FakeContext()
 
     async def first(stream: Any) -> Any:
         return await stream.__anext__()
 
-    code, details = aborted(
-        first(servicer.StreamPredictions(inference_pb2.PredictionsRequest(), ctx))
-    )
-    assert code == SC.UNIMPLEMENTED and "StreamPredictions" in details
-    code, _ = aborted(first(servicer.StreamPredictions2(iter(()), ctx)))  # type: ignore[arg-type]
-    assert code == SC.UNIMPLEMENTED
+    code, details = aborted(first(servicer.StreamPredictions2(iter(()), ctx)))  # type: ignore[arg-type]
+    assert code == SC.UNIMPLEMENTED and "StreamPredictions2" in details
 
 
 # -- token authorization ----------------------------------------------------------------
