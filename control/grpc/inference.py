@@ -13,9 +13,9 @@ gRPC code of the HTTP status they have on port 8080 (:mod:`control.grpc.status`)
 ``StreamPredictions`` takes the same path through
 :meth:`control.core.dispatch.Dispatcher.stream`: one message per piece the handler sends
 with ``send_intermediate_predict_response``, then one for its return value; the request
-runs as a batch of one. ``StreamPredictions2`` (bidirectional, for stateful sequence
-models) is declared (the interface is TorchServe's) but answers UNIMPLEMENTED: mqserve
-has no sequence batching yet.
+runs as a batch of one. ``StreamPredictions2`` is bidirectional: each request it
+receives is streamed back in turn, tagged with its ``sequence_id``; an error is reported
+inside the stream (``status``), as TorchServe's, instead of closing the call.
 """
 
 from __future__ import annotations
@@ -28,13 +28,16 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import grpc.aio
+import redis
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from control.core.dispatch import Delivery, Dispatcher, NoWorker, QueueFull
 from control.core.envelope import Part, Reply
-from control.core.errors import ServiceUnavailableException
+from control.core.errors import ModelServerError, ServiceUnavailableException
 from control.core.settings import Settings
 from control.grpc.protos import inference_pb2, inference_pb2_grpc
-from control.grpc.status import answers_errors, grpc_code, streams_errors
+from control.grpc.status import answers_errors, grpc_code, redis_down, streams_errors
 from control.http.common import dumps
 from control.inference.api import Recorder, no_worker_message
 
@@ -45,10 +48,8 @@ Context = grpc.aio.ServicerContext[
 #: The headers a gRPC request reaches the handler with (no HTTP headers to pass on).
 GRPC_HEADERS = {"explain": "False", "url_path": ""}
 
-STREAMING_NOT_YET = (
-    "{method} is not implemented by this server yet (no sequence batching); use "
-    "Predictions or StreamPredictions"
-)
+#: ``ErrorInfo.domain`` of the errors reported inside a ``StreamPredictions2`` call.
+ERROR_DOMAIN = "mqserve"
 
 
 def request_parts(request: inference_pb2.PredictionsRequest) -> tuple[Part, ...]:
@@ -158,8 +159,62 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
         request_iterator: AsyncIterator[inference_pb2.PredictionsRequest],
         context: Context,
     ) -> AsyncIterator[inference_pb2.PredictionResponse]:
-        """Not yet: UNIMPLEMENTED (see the module docstring)."""
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, STREAMING_NOT_YET.format(method="StreamPredictions2")
+        """Bidirectional: each request of the call, in the order sent, streamed back as
+        :meth:`StreamPredictions` does, every message carrying the request's
+        ``sequence_id`` (also given to the handler as the ``ts_request_sequence_id``
+        header). An error of one request is a message whose ``status`` is set (its code,
+        its message and an ``ErrorInfo`` naming the exception) and the call goes on, as
+        TorchServe's. Deviation: no sequence affinity; a sequence's requests may reach
+        different workers of the model (docs/torchserve-compat.md)."""
+        async for request in request_iterator:
+            sequence = request.sequence_id if request.HasField("sequence_id") else None
+            try:
+                async for message in self._sequence_step(request, sequence):
+                    yield message
+            except ModelServerError as exc:
+                yield _error_message(grpc_code(exc.status), exc.message, exc.type, sequence)
+            except (redis.ConnectionError, redis.TimeoutError):
+                down = redis_down()
+                yield _error_message(grpc.StatusCode.UNAVAILABLE, down.message, down.type, sequence)
+
+    async def _sequence_step(
+        self, request: inference_pb2.PredictionsRequest, sequence: str | None
+    ) -> AsyncIterator[inference_pb2.PredictionResponse]:
+        """One request of a :meth:`StreamPredictions2` call: its pieces, then its final
+        reply; a reply with an error ends it as an error message."""
+        started = time.monotonic()
+        model, version = request.model_name, request.model_version or None
+        headers = dict(GRPC_HEADERS)
+        if sequence is not None:
+            headers["ts_request_sequence_id"] = sequence
+        replies = self._dispatch.stream(
+            model, version, request_parts(request), headers, uuid.uuid4().hex, kind="stream"
         )
-        yield inference_pb2.PredictionResponse()  # pragma: no cover (abort raises)
+        try:
+            with self._refusals(model, version):
+                outcome = await anext(replies)
+            while True:
+                reply = outcome.reply
+                if reply.error is not None:
+                    yield _error_message(
+                        grpc_code(reply.status), reply.error, "InternalServerException", sequence
+                    )
+                    return
+                yield inference_pb2.PredictionResponse(prediction=reply.body, sequence_id=sequence)
+                if not reply.more:
+                    self._record(model, version, started, outcome)
+                    return
+                outcome = await anext(replies)
+        finally:
+            await replies.aclose()
+
+
+def _error_message(
+    code: grpc.StatusCode, message: str, exception: str, sequence: str | None
+) -> inference_pb2.PredictionResponse:
+    """A ``PredictionResponse`` reporting an error inside a ``StreamPredictions2`` call:
+    ``status`` with the gRPC code, the message and an ``ErrorInfo`` naming the exception."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=exception, domain=ERROR_DOMAIN))
+    status = status_pb2.Status(code=code.value[0], message=message, details=[info])
+    return inference_pb2.PredictionResponse(sequence_id=sequence, status=status)

@@ -181,12 +181,19 @@ def _lifecycle(mgmt: Client, inf: Client) -> None:
         timeout=FAST_S, metadata=inf.metadata,
     )  # fmt: skip
     assert [bytes(m.prediction) for m in stream] == [b"2.0:s"]
-    stream = inf.inference.StreamPredictions2(
-        iter([inference_pb2.PredictionsRequest(model_name="echo")]),
-        timeout=FAST_S, metadata=inf.metadata,
-    )  # fmt: skip
-    code, _ = refused(lambda: next(iter(stream)))
-    assert code == SC.UNIMPLEMENTED
+    # StreamPredictions2: each request answered in turn, an error inside the stream.
+    sequence = [
+        inference_pb2.PredictionsRequest(model_name=m, input={"data": b"q"}, sequence_id="s1")
+        for m in ("echo", "nope", "echo")
+    ]
+    stream = inf.inference.StreamPredictions2(iter(sequence), timeout=FAST_S,
+                                              metadata=inf.metadata)  # fmt: skip
+    answers = list(stream)
+    assert [(bytes(a.prediction), a.sequence_id) for a in answers] == [
+        (b"2.0:q", "s1"), (b"", "s1"), (b"2.0:q", "s1"),
+    ]  # fmt: skip
+    assert answers[1].status.code == SC.NOT_FOUND.value[0]
+    assert answers[1].status.message == "Model not found: nope"
 
     for name, version in (("echo", "1.0"), ("echo", "2.0"), ("idle", "")):
         answer = mgmt.manage("UnregisterModel", SLOW_S, model_name=name, model_version=version)
@@ -231,6 +238,17 @@ def test_stream_predictions_sends_each_intermediate_result(
                 assert messages == [b"hello", b"hello", b"hello", b"hello world "]
             # Predictions of a streaming handler: its first piece, as TorchServe's.
             assert client.predict("hello", data=b"x") == b"hello"
+            # StreamPredictions2: the pieces of each request in turn.
+            requests = [
+                inference_pb2.PredictionsRequest(model_name="hello", sequence_id=f"s{i}")
+                for i in range(2)
+            ]
+            answers = client.inference.StreamPredictions2(iter(requests), timeout=FAST_S)
+            assert [(bytes(a.prediction), a.sequence_id) for a in answers] == [
+                (piece, f"s{i}")
+                for i in range(2)
+                for piece in (b"hello", b"hello", b"hello", b"hello world ")
+            ]
         finally:
             client.close()
 

@@ -15,6 +15,7 @@ import grpc.aio
 import pytest
 from falcon import testing
 from google.protobuf import empty_pb2
+from google.rpc import error_details_pb2
 
 from control.archives.store import ModelStore
 from control.core import keys
@@ -334,7 +335,10 @@ class StreamingDispatcher:
     async def stream(
         self, model: str, version: str | None, parts: tuple[Part, ...], *args: Any, **kw: Any
     ) -> AsyncIterator[Delivery]:
-        self.calls.append({"model": model, "version": version, "parts": parts, **kw})
+        headers = args[0] if args else None
+        self.calls.append(
+            {"model": model, "version": version, "parts": parts, "headers": headers, **kw}
+        )
         try:
             if self.refusal is not None:
                 raise self.refusal
@@ -377,15 +381,46 @@ def test_stream_predictions_errors_close_the_call_with_their_code() -> None:
     assert dispatcher.closed == 1
 
 
-def test_stream_predictions2_answers_unimplemented() -> None:
-    servicer = InferenceServicer(Settings(), FakeDispatcher(Reply(200)), lambda: True)  # type: ignore[arg-type]
+class SequenceDispatcher(StreamingDispatcher):
+    """Streams ``replies`` for model ``llm``; refuses any other model (no worker)."""
+
+    async def stream(
+        self, model: str, version: str | None, parts: tuple[Part, ...], *args: Any, **kw: Any
+    ) -> AsyncIterator[Delivery]:
+        self.refusal = None if model == "llm" else NoWorker("x")
+        async for delivery in super().stream(model, version, parts, *args, **kw):
+            yield delivery
+
+
+def test_stream_predictions2_streams_each_request_and_reports_errors_in_the_stream() -> None:
+    pieces = [Reply(200, b"a", more=True), Reply(200, b"b")]
+    dispatcher = SequenceDispatcher(pieces)
+    servicer = InferenceServicer(Settings(), dispatcher, lambda: True)  # type: ignore[arg-type]
     ctx: Any = FakeContext()
 
-    async def first(stream: Any) -> Any:
-        return await stream.__anext__()
+    async def requests() -> AsyncIterator[inference_pb2.PredictionsRequest]:
+        for model in ("llm", "nope", "llm"):
+            yield inference_pb2.PredictionsRequest(model_name=model, sequence_id="seq-1")
 
-    code, details = aborted(first(servicer.StreamPredictions2(iter(()), ctx)))  # type: ignore[arg-type]
-    assert code == SC.UNIMPLEMENTED and "StreamPredictions2" in details
+    async def collect() -> list[Any]:
+        return [m async for m in servicer.StreamPredictions2(requests(), ctx)]
+
+    messages = call(collect())
+    assert [(m.prediction, m.sequence_id, m.HasField("status")) for m in messages] == [
+        (b"a", "seq-1", False), (b"b", "seq-1", False),
+        (b"", "seq-1", True),
+        (b"a", "seq-1", False), (b"b", "seq-1", False),
+    ]  # fmt: skip
+    error = messages[2].status
+    assert error.code == SC.UNAVAILABLE.value[0]
+    assert error.message.startswith('Model "nope" has no worker')
+    info = error_details_pb2.ErrorInfo()
+    assert error.details[0].Unpack(info) and info.reason == "ServiceUnavailableException"
+    # The handler sees the sequence, as TorchServe's sequence header.
+    assert [c["model"] for c in dispatcher.calls] == ["llm", "nope", "llm"]
+    assert all(c["headers"]["ts_request_sequence_id"] == "seq-1" for c in dispatcher.calls)
+    assert all(c["kind"] == "stream" for c in dispatcher.calls)
+    assert dispatcher.closed == 3
 
 
 # -- token authorization ----------------------------------------------------------------
