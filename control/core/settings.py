@@ -73,9 +73,12 @@ class Settings:
     grpc_inference_max_connection_age_grace_ms: int | None = None
     grpc_management_max_connection_age_ms: int | None = None
     grpc_management_max_connection_age_grace_ms: int | None = None
-    #: ``enable_grpc_ssl``: TorchServe serves gRPC over TLS with its HTTPS certificate;
-    #: mqserve has no certificate settings (TLS ends in a proxy), so true is refused.
+    #: ``enable_grpc_ssl``: serve both gRPC ports over TLS with ``certificate_file`` (PEM
+    #: certificate chain) and ``private_key_file`` (PEM key), TorchServe's keys; true
+    #: without both is refused at start. (The HTTP ports stay plain: TLS ends in a proxy.)
     enable_grpc_ssl: bool = False
+    certificate_file: Path | None = None
+    private_key_file: Path | None = None
     default_response_timeout: int = 120
     default_startup_timeout: int = 120
     unregister_model_timeout: int = 120
@@ -143,7 +146,8 @@ class Settings:
         for key, value in data.items():
             if key not in types:
                 raise SettingsError(f"unknown setting {key!r}")
-            if key in ("home", "model_store", "metrics_config"):
+            if key in ("home", "model_store", "metrics_config", "certificate_file",
+                       "private_key_file"):  # fmt: skip
                 value = None if value is None else Path(value)
             elif isinstance(value, list):
                 value = tuple(value)
@@ -284,7 +288,7 @@ def apply_properties(settings: Settings, props: dict[str, str]) -> Settings:
                 changes[key] = float(value)
             except ValueError as exc:
                 raise SettingsError(f"{key} must be a number, got {value!r}") from exc
-        elif key == "metrics_config":
+        elif key in ("metrics_config", "certificate_file", "private_key_file"):
             changes[key] = Path(value).expanduser().absolute()
         elif key == "model_store":
             changes[key] = Path(value).expanduser()
@@ -330,15 +334,17 @@ def validate(settings: Settings) -> None:
 
 
 def _validate_grpc(settings: Settings) -> None:
-    """The gRPC keys: message limit, ports in range, bare hosts, ages positive, no TLS
-    (see :attr:`Settings.enable_grpc_ssl`)."""
+    """The gRPC keys: message limit, ports in range, bare hosts, ages positive, and with
+    TLS (:attr:`Settings.enable_grpc_ssl`) a readable certificate and key."""
     if settings.max_response_size <= 0:
         raise SettingsError("max_response_size must be positive")
     if settings.enable_grpc_ssl:
-        raise SettingsError(
-            "enable_grpc_ssl=true needs certificate_file and private_key_file, which mqserve "
-            "does not support; terminate TLS in a proxy in front of the gRPC ports"
-        )
+        for key in ("certificate_file", "private_key_file"):
+            path = getattr(settings, key)
+            if path is None:
+                raise SettingsError(f"enable_grpc_ssl=true needs {key} (a PEM file)")
+            if not os.access(path, os.R_OK) or not Path(path).is_file():
+                raise SettingsError(f"{key} {path} is not a readable file")
     for which in ("inference", "management"):
         host, port = settings.grpc_bind(which)
         if not 0 < port < 65536:

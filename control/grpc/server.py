@@ -137,10 +137,25 @@ def build(settings: Settings) -> Servers:
     management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server(  # type: ignore[no-untyped-call]
         servicer, management
     )
+    credentials = server_credentials(settings)
     for which, server in (("inference", inference), ("management", management)):
         host, port = settings.grpc_bind(which)
-        server.add_insecure_port(target(host, port))
+        if credentials is None:
+            server.add_insecure_port(target(host, port))
+        else:
+            server.add_secure_port(target(host, port), credentials)
     return Servers(inference, management, dispatcher, frames, clients, servicer, flusher)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``certificate_file``/``private_key_file`` when
+    ``enable_grpc_ssl`` (validated at load: both readable), else None (plaintext)."""
+    if not settings.enable_grpc_ssl:
+        return None
+    assert settings.certificate_file is not None and settings.private_key_file is not None
+    key = settings.private_key_file.read_bytes()
+    chain = settings.certificate_file.read_bytes()
+    return grpc.ssl_server_credentials([(key, chain)])
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

@@ -284,8 +284,11 @@ def grpc_answers(settings: Settings) -> list[str]:
     # Lazily: grpc is loaded by the processes that probe, not by every importer.
     from control.grpc.probe import answers_grpc
 
+    tls = settings.enable_grpc_ssl
     return [
-        f"grpc_{which}" for which in GRPC_SERVICES if not answers_grpc(*settings.grpc_bind(which))
+        f"grpc_{which}"
+        for which in GRPC_SERVICES
+        if not answers_grpc(*settings.grpc_bind(which), tls=tls)
     ]
 
 

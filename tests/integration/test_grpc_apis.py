@@ -6,6 +6,7 @@ status table gives (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE)
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +297,37 @@ def _keys(clients: dict[str, Client]) -> None:
     manager = clients["management"]
     assert refused(lambda: manager.manage("RegisterModel", url="echo-1.0.mar")) == model_api
     assert refused(lambda: manager.manage("UnregisterModel", model_name="echo")) == model_api
+
+
+def test_enable_grpc_ssl_serves_both_ports_over_tls(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """``enable_grpc_ssl`` with TorchServe's ``certificate_file``/``private_key_file``: a
+    client that trusts the certificate talks TLS to both ports; a plaintext one cannot."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    settings = stack_settings.replace(
+        enable_grpc_ssl=True, certificate_file=cert, private_key_file=key
+    )
+    with grpc_process(settings, tmp_path / "grpc") as served:
+        trusted = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        for which in ("inference", "management"):
+            port = served.grpc_bind(which)[1]
+            with grpc.secure_channel(f"localhost:{port}", trusted) as channel:
+                if which == "inference":
+                    stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+                    health = stub.Ping(empty_pb2.Empty(), timeout=FAST_S).health
+                    assert json.loads(health) == {"status": "Healthy"}
+                else:
+                    mstub = management_pb2_grpc.ManagementAPIsServiceStub(channel)
+                    answer = mstub.ListModels(management_pb2.ListModelsRequest(), timeout=FAST_S)
+                    assert json.loads(answer.msg) == {"models": []}
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+                stub = inference_pb2_grpc.InferenceAPIsServiceStub(plain)
+                code, _ = refused(lambda stub=stub: stub.Ping(empty_pb2.Empty(), timeout=5))
+                assert code == SC.UNAVAILABLE

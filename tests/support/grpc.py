@@ -32,7 +32,10 @@ def grpc_process(settings: Settings, workdir: Path) -> Iterator[Settings]:
         def up() -> bool:
             if proc.poll() is not None:
                 return True
-            return all(answers_grpc(*settings.grpc_bind(w)) for w in ("inference", "management"))
+            tls = settings.enable_grpc_ssl
+            return all(
+                answers_grpc(*settings.grpc_bind(w), tls=tls) for w in ("inference", "management")
+            )
 
         wait_for(up, 30, "the gRPC servers")
         assert proc.poll() is None, log_path.read_text()

@@ -3,6 +3,8 @@ server options they become (message limits, connection ages)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from control.core.settings import Settings, SettingsError, apply_properties
@@ -62,3 +64,17 @@ def test_unusable_values_refuse_to_start(props: dict[str, str], words: str) -> N
 def test_ipv6_hosts_are_bracketed() -> None:
     assert target("::1", 7070) == "[::1]:7070"
     assert target("127.0.0.1", 7070) == "127.0.0.1:7070"
+
+
+def test_tls_needs_a_readable_certificate_and_key(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("certificate")
+    props = {"enable_grpc_ssl": "true", "certificate_file": str(cert)}
+    with pytest.raises(SettingsError, match="needs private_key_file"):
+        apply_properties(Settings(), props)
+    with pytest.raises(SettingsError, match="is not a readable file"):
+        apply_properties(Settings(), {**props, "private_key_file": str(key)})
+    key.write_text("key")
+    settings = apply_properties(Settings(), {**props, "private_key_file": str(key)})
+    assert (settings.certificate_file, settings.private_key_file) == (cert, key)
+    assert Settings.from_json(settings.to_json()) == settings
