@@ -4,7 +4,9 @@
 :mod:`bench.lifecycle`); ``throughput`` measures predictions per second, latency and,
 given the server's pid, its memory (see :mod:`bench.throughput`); ``compare`` starts
 TorchServe 0.12 and mqserve side by side and prints each measure of both with the
-ratio (see :mod:`bench.compare`). Results go to stdout as a table, or as JSON with
+ratio (see :mod:`bench.compare`); ``grpc`` starts mqserve and measures its gRPC
+inference API beside HTTP: noop throughput and latency, streaming time to the first
+chunk (see :mod:`bench.grpc_bench`). Results go to stdout as a table, or as JSON with
 ``--json``;
 progress and hints go to stderr. Exit status: 0 on success, 1 when the server answered
 something unexpected (the message says what), 2 for bad arguments.
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from bench import compare, lifecycle, servers, throughput
+from bench import compare, grpc_bench, lifecycle, servers, throughput
 from bench.client import BenchError, Endpoint, read_key
 from bench.load import choose_client
 
@@ -132,7 +134,61 @@ def build_parser() -> argparse.ArgumentParser:
     life.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_throughput(commands)
     _add_compare(commands)
+    _add_grpc(commands)
     return parser
+
+
+def _add_grpc(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser(
+        "grpc",
+        help="mqserve's gRPC inference API beside HTTP: noop throughput, streaming first chunk",
+        description="Start mqserve on free ports, register a no-op model (2 workers) and a "
+        "streaming one (1 worker), and measure HTTP and gRPC in ABBA order: noop requests/s, "
+        "p50 and p99 at --concurrency (HTTP from wrk -t1, gRPC from a Python grpc.aio "
+        "client, so the gRPC figure is client-bound), and a streamed answer's time to its "
+        "first chunk and to its end (median of --calls calls); stop mqserve and print "
+        "measure | HTTP | gRPC.",
+    )
+    bench.add_argument(
+        "--duration", type=positive_float, default=5.0, help="seconds per load run (5)"
+    )
+    bench.add_argument(
+        "--concurrency", type=positive_int, default=8, help="calls in flight in the loads (8)"
+    )
+    bench.add_argument(
+        "--calls", type=positive_int, default=10, help="streamed calls per protocol visit (10)"
+    )
+    bench.add_argument(
+        "--pieces", type=positive_int, default=3, help="intermediate pieces per stream (3)"
+    )
+    bench.add_argument(
+        "--piece-delay",
+        type=non_negative_int,
+        default=50,
+        metavar="MS",
+        help="the streaming handler's sleep after each piece, in ms (50)",
+    )
+    bench.add_argument(
+        "--rounds", type=positive_int, default=1, help="ABBA rounds; figures are medians (1)"
+    )
+    bench.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="also write the machine description and the table as markdown to FILE",
+    )
+    bench.add_argument(
+        "--state-dir",
+        type=Path,
+        default=grpc_bench.DEFAULT_STATE_DIR,
+        help="where the model store, mqserve's home and its log live (.bench/grpc)",
+    )
+    bench.add_argument(
+        "--client",
+        choices=("wrk", "python"),
+        help="HTTP load client (wrk when it is on PATH, else python)",
+    )
+    bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def _add_compare(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -327,6 +383,39 @@ def run_compare(args: argparse.Namespace) -> str:
     return machine + "\n\n" + compare.format_table(report.rows, report.samples.notes)
 
 
+def run_grpc(args: argparse.Namespace) -> str:
+    """Run the gRPC-beside-HTTP benchmark for parsed ``args``; the report to print."""
+    client = choose_client(args.client, shutil.which("wrk"))
+    if client == "python" and args.client is None:
+        print("bench: wrk is not on PATH; loading HTTP with Python threads", file=sys.stderr)
+    plan = grpc_bench.GrpcPlan(
+        duration=args.duration,
+        concurrency=args.concurrency,
+        calls=args.calls,
+        pieces=args.pieces,
+        delay_ms=args.piece_delay,
+        rounds=args.rounds,
+        client=client,
+        state_dir=args.state_dir.absolute(),
+    )
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        report = grpc_bench.run_grpc_bench(
+            plan, progress=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.markdown is not None:
+        args.markdown.write_text(
+            grpc_bench.format_markdown(report.rows, report.machine, report.samples)
+        )
+        print(f"bench: wrote {args.markdown}", file=sys.stderr)
+    if args.json:
+        return json.dumps(grpc_bench.as_dict(report), indent=2)
+    machine = "\n".join(f"{name}: {value}" for name, value in report.machine)
+    return machine + "\n\n" + grpc_bench.format_table(report.rows, report.samples.notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/bench``; returns the exit status."""
     parser = build_parser()
@@ -336,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compare":
             print(run_compare(args))
+            return 0
+        if args.command == "grpc":
+            print(run_grpc(args))
             return 0
         if args.command == "lifecycle":
             report, hint = run_lifecycle(args), COMPARE_HINT
