@@ -168,27 +168,30 @@ def _add_grpc(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         metavar="MS",
         help="the streaming handler's sleep after each piece, in ms (50)",
     )
-    bench.add_argument(
+    _add_side_by_side(
+        bench,
+        grpc_bench.DEFAULT_STATE_DIR,
+        "where the model store, mqserve's home and its log live (.bench/grpc)",
+        "HTTP load client (wrk when it is on PATH, else python)",
+    )
+
+
+def _add_side_by_side(
+    parser: argparse.ArgumentParser, state_dir: Path, state_help: str, client_help: str
+) -> None:
+    """The options ``compare`` and ``grpc`` share: rounds, outputs, state, client."""
+    parser.add_argument(
         "--rounds", type=positive_int, default=1, help="ABBA rounds; figures are medians (1)"
     )
-    bench.add_argument(
+    parser.add_argument(
         "--markdown",
         type=Path,
         metavar="FILE",
         help="also write the machine description and the table as markdown to FILE",
     )
-    bench.add_argument(
-        "--state-dir",
-        type=Path,
-        default=grpc_bench.DEFAULT_STATE_DIR,
-        help="where the model store, mqserve's home and its log live (.bench/grpc)",
-    )
-    bench.add_argument(
-        "--client",
-        choices=("wrk", "python"),
-        help="HTTP load client (wrk when it is on PATH, else python)",
-    )
-    bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--state-dir", type=Path, default=state_dir, help=state_help)
+    parser.add_argument("--client", choices=("wrk", "python"), help=client_help)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def _add_compare(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -209,27 +212,12 @@ def _add_compare(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     comp.add_argument(
         "--duration", type=positive_float, default=5.0, help="seconds per load run (5)"
     )
-    comp.add_argument(
-        "--rounds", type=positive_int, default=1, help="ABBA rounds; figures are medians (1)"
+    _add_side_by_side(
+        comp,
+        servers.DEFAULT_STATE_DIR,
+        "where the TorchServe venv, the model store, homes and logs live (.bench)",
+        "load client (wrk when it is on PATH, else python)",
     )
-    comp.add_argument(
-        "--markdown",
-        type=Path,
-        metavar="FILE",
-        help="also write the machine description and the table as markdown to FILE",
-    )
-    comp.add_argument(
-        "--state-dir",
-        type=Path,
-        default=servers.DEFAULT_STATE_DIR,
-        help="where the TorchServe venv, the model store, homes and logs live (.bench)",
-    )
-    comp.add_argument(
-        "--client",
-        choices=("wrk", "python"),
-        help="load client (wrk when it is on PATH, else python)",
-    )
-    comp.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def _add_throughput(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
