@@ -19,8 +19,10 @@ import json
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from bench import compare, grpc_bench, lifecycle, servers, throughput
 from bench.client import BenchError, Endpoint, read_key
@@ -353,22 +355,7 @@ def run_compare(args: argparse.Namespace) -> str:
         client=client,
         state_dir=args.state_dir.absolute(),
     )
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        report = compare.run_compare(
-            plan, progress=lambda line: print(line, file=sys.stderr, flush=True)
-        )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if args.markdown is not None:
-        args.markdown.write_text(
-            compare.format_markdown(report.rows, report.machine, report.samples)
-        )
-        print(f"bench: wrote {args.markdown}", file=sys.stderr)
-    if args.json:
-        return json.dumps(compare.as_dict(report), indent=2)
-    machine = "\n".join(f"{name}: {value}" for name, value in report.machine)
-    return machine + "\n\n" + compare.format_table(report.rows, report.samples.notes)
+    return _side_by_side(args, compare, lambda progress: compare.run_compare(plan, progress))
 
 
 def run_grpc(args: argparse.Namespace) -> str:
@@ -386,22 +373,28 @@ def run_grpc(args: argparse.Namespace) -> str:
         client=client,
         state_dir=args.state_dir.absolute(),
     )
+    return _side_by_side(
+        args, grpc_bench, lambda progress: grpc_bench.run_grpc_bench(plan, progress)
+    )
+
+
+def _side_by_side(args: argparse.Namespace, kind: Any, run: Callable[[Any], Any]) -> str:
+    """What ``compare`` and ``grpc`` share once their plan is made: run it (SIGTERM
+    unwinds through its cleanup), write ``--markdown``, and return ``--json`` or the
+    machine and the table. ``kind`` is the module with the report's formatters."""
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        report = grpc_bench.run_grpc_bench(
-            plan, progress=lambda line: print(line, file=sys.stderr, flush=True)
-        )
+        report = run(lambda line: print(line, file=sys.stderr, flush=True))
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.markdown is not None:
-        args.markdown.write_text(
-            grpc_bench.format_markdown(report.rows, report.machine, report.samples)
-        )
+        args.markdown.write_text(kind.format_markdown(report.rows, report.machine, report.samples))
         print(f"bench: wrote {args.markdown}", file=sys.stderr)
     if args.json:
-        return json.dumps(grpc_bench.as_dict(report), indent=2)
+        return json.dumps(kind.as_dict(report), indent=2)
     machine = "\n".join(f"{name}: {value}" for name, value in report.machine)
-    return machine + "\n\n" + grpc_bench.format_table(report.rows, report.samples.notes)
+    table: str = kind.format_table(report.rows, report.samples.notes)
+    return machine + "\n\n" + table
 
 
 def main(argv: list[str] | None = None) -> int:
