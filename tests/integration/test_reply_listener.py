@@ -40,7 +40,7 @@ from control.core.registry import Registry
 from control.core.spec import ModelSpec
 from tests.support import chaos
 from tests.support.chaos import Outcome, Shot, Tally
-from tests.support.processes import RestartableRedis, restartable_redis
+from tests.support.processes import RestartableRedis, restartable_redis, wait_for
 
 #: Requests waiting when Redis goes down; the worker answers ANSWERED_FIRST of them
 #: first and holds the next one in flight through the restart.
@@ -153,6 +153,10 @@ def worker(server: RestartableRedis) -> Iterator[EchoWorker]:
     echo = EchoWorker(server.url, ANSWERED_FIRST)
     echo.start()
     try:
+        # Serving before the test pushes: requests sent before its first heartbeat would
+        # all be refused at once (no worker), and none would reach it.
+        with redis.Redis.from_url(server.url) as client:
+            wait_for(lambda: client.exists(keys.worker(echo.wid)), 30, "the echo worker's record")
         yield echo
     finally:
         echo.stop()
